@@ -1,0 +1,1 @@
+"""Backends evaluate the calibrated eps(x, timestep); the solver math lives elsewhere."""

@@ -1,0 +1,53 @@
+"""The backend lifecycle shared by ONNX Runtime, TensorRT and the PyTorch reference."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from calibexport.errors import CalibexportError
+
+
+class EpsBackend:
+    """Evaluate a calibrated noise prediction eps(x, timestep) on one engine.
+
+    Use as a context manager: open in ``__init__``, evaluate with ``eps``, release in ``close``.
+    ``eps`` checks its inputs, casts the timestep to ``timestep_dtype`` and calls ``_eps``.
+    """
+
+    name = "base"
+    #: (C, H, W) of one image.
+    image_shape: tuple[int, int, int]
+    #: dtype of the network's timestep input, read from the model.
+    timestep_dtype: np.dtype = np.dtype(np.float32)
+
+    def __enter__(self) -> EpsBackend:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the engine; the default has nothing to release."""
+
+    def eps(self, x: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+        """Return eps for x [B, C, H, W] float32 and timestep [B] in the model's input time."""
+        x = np.asarray(x)
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.image_shape):
+            raise CalibexportError(
+                f"{self.name}: x must have shape [B, {', '.join(map(str, self.image_shape))}], got {list(x.shape)}."
+            )
+        timestep = np.asarray(timestep)
+        if timestep.shape != (x.shape[0],):
+            raise CalibexportError(
+                f"{self.name}: timestep must have shape [{x.shape[0]}] (one per sample), got {list(timestep.shape)}."
+            )
+        if np.issubdtype(self.timestep_dtype, np.integer):
+            if not np.all(np.round(timestep) == timestep):
+                raise CalibexportError(
+                    f"{self.name}: the model takes integer timesteps but got non-integer values "
+                    f"{timestep[np.round(timestep) != timestep][:4].tolist()}; round them explicitly."
+                )
+        return self._eps(np.ascontiguousarray(x, dtype=np.float32), timestep.astype(self.timestep_dtype))
+
+    def _eps(self, x: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Exact reference problems for tests and benchmarks (numpy only)."""

@@ -1,0 +1,1 @@
+"""Parity of a deployed artifact against the PyTorch calibrated model, with CI reports."""

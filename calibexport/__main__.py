@@ -1,0 +1,3 @@
+from calibexport.cli.app import main
+
+main()

@@ -1,0 +1,149 @@
+"""``calibexport build``: export, fold eta, write the manifest, validate, all into one atomic directory."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from calibexport.errors import CalibexportError
+from calibexport.exporter.atomic import atomic_directory
+from calibexport.exporter.fold import fold_eta, save_onnx
+from calibexport.exporter.manifest import MANIFEST_VERSION, build_manifest, write_manifest
+from calibexport.exporter.onnx_export import export_onnx
+from calibexport.exporter.tensorrt_engine import tensorrt_unavailable_reason
+from calibexport.models.loaders import LoadedModel, load_model
+from calibexport.runtime.eta_table import EtaTable, check_compatible, load_eta_table
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildOptions:
+    model: Path
+    eta: Path
+    out: Path
+    config: str | None = None
+    weights: str = "ema"
+    exporter: str | None = None
+    opset: int | None = None
+    overwrite: bool = False
+    validate: bool = True
+    allow_mismatch: bool = False
+    tolerance_preset: str = "fp32-cpu"
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    passed: bool | None
+    report: dict | None
+
+
+def check_eta_matches_model(table: EtaTable, loaded: LoadedModel, allow_mismatch: bool) -> None:
+    """Reject a table estimated for other weights unless ``allow_mismatch`` is set."""
+    unet = loaded.spec.unet
+    num_timesteps = int(loaded.spec.schedule.get("num_timesteps", table.values.shape[0]))
+    check_compatible(table, (unet.in_channels, unet.resolution, unet.resolution), num_timesteps)
+    if table.metadata is None:
+        logger.info("%s has no eta.json sidecar: schedule and weights digest are taken from the model.", table.path)
+        return
+    recorded = table.metadata.get("model_weights_sha256")
+    if recorded and recorded != loaded.weights_sha256:
+        message = (f"eta table {table.path} was estimated for weights {recorded[:12]}..., but the model has "
+                   f"weights {loaded.weights_sha256[:12]}...; re-run `calibexport calibrate` for this "
+                   "model, or pass --allow-mismatch to build anyway.")
+        if not allow_mismatch:
+            raise CalibexportError(message)
+        logger.warning("%s (continuing because --allow-mismatch is set)", message)
+
+
+def build_artifact(options: BuildOptions) -> BuildResult:
+    """Write OUT/model.onnx, eta.npy, eta.json, manifest.json and the parity reports atomically.
+
+    A build whose parity checks fail is not installed at OUT: its files move to OUT.rejected for
+    inspection, so no later run can mistake them for a validated artifact.
+    """
+    start = time.perf_counter()
+    loaded = load_model(options.model, config=options.config, weights=options.weights)
+    table = load_eta_table(options.eta)
+    check_eta_matches_model(table, loaded, options.allow_mismatch)
+    unet = loaded.spec.unet
+    image_shape = (unet.in_channels, unet.resolution, unet.resolution)
+    rejected = options.out.with_name(options.out.name + ".rejected")
+
+    with atomic_directory(options.out, overwrite=options.overwrite) as tmp:
+        tmp = Path(tmp)
+        logger.info("Building %s from %s and %s ...", options.out, options.model, options.eta)
+        network_path = tmp / "network.onnx"
+        export_info = export_onnx(loaded.module, network_path, image_shape=image_shape,
+                                  exporter=options.exporter, opset=options.opset)
+
+        import onnx
+
+        metadata = {
+            "calibexport.manifest_version": str(MANIFEST_VERSION),
+            "calibexport.prediction_type": loaded.spec.prediction_type,
+            "calibexport.schedule": _json(loaded.spec.schedule),
+            "calibexport.eta_sha256": table.sha256,
+            "calibexport.weights_sha256": loaded.weights_sha256,
+        }
+        folded = fold_eta(onnx.load(str(network_path)), table.values, timestep_input="t", metadata=metadata)
+        save_onnx(folded, tmp / "model.onnx")
+        network_path.unlink()
+        _copy_table(table, tmp)
+
+        manifest = build_manifest(
+            artifact_dir=tmp, loaded=loaded, eta=table, export_info=export_info, image_shape=image_shape,
+        )
+        write_manifest(tmp, manifest)
+
+        reason = tensorrt_unavailable_reason()
+        if reason:
+            logger.info("TensorRT engine skipped: %s. The ONNX artifact is complete.", reason)
+
+        report = None
+        passed = None
+        if options.validate:
+            from calibexport.validate.run import validate_directory
+
+            report = validate_directory(tmp, loaded=loaded, tolerance_preset=options.tolerance_preset)
+            passed = report["status"] == "PASSED"
+            if not passed:
+                if rejected.exists():
+                    shutil.rmtree(rejected)
+                shutil.copytree(tmp, rejected)
+                raise ParityFailed(rejected, report)
+        else:
+            logger.info("Validation skipped (--no-validate).")
+
+    logger.info("Built %s in %.1fs.", options.out, time.perf_counter() - start)
+    return BuildResult(options.out, passed, report)
+
+
+class ParityFailed(CalibexportError):
+    """The built model did not match the PyTorch reference; the build was not installed."""
+
+    def __init__(self, rejected: Path, report: dict) -> None:
+        failed = [c["name"] for c in report["checks"] if not c["passed"]]
+        super().__init__(f"parity failed ({', '.join(failed)}); the build was not installed. "
+                         f"Reports and files are in {rejected} (see parity.md there).")
+        self.rejected = rejected
+        self.report = report
+
+
+def _copy_table(table: EtaTable, directory: Path) -> None:
+    """Copy the table and its sidecar into the artifact so validate can reload them."""
+    from calibexport.calibration_tables.table_io import save_eta_table
+
+    save_eta_table(directory / "eta.npy", table.values, table.metadata)
+
+
+def _json(value: object) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True)

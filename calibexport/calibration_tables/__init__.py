@@ -1,6 +1,6 @@
 """eta estimation (torch), the eta table file format, and the data sources for estimation."""
 
-from calibexport.calibration_tables.data import load_digits
+from calibexport.calibration_tables.data import describe_data, load_data, load_digits
 from calibexport.calibration_tables.estimate import (
     DEFAULT_ESTIMATOR,
     ESTIMATORS,
@@ -15,7 +15,9 @@ __all__ = [
     "ESTIMATORS",
     "EtaEstimate",
     "build_sidecar",
+    "describe_data",
     "estimate_eta",
+    "load_data",
     "load_digits",
     "row_standard_error_summary",
     "save_eta_table",

@@ -127,7 +127,8 @@ def load_eta_table(path: str | Path) -> EtaTable:
     table_path = resolve_table_path(path)
     if not table_path.is_file():
         raise CalibexportError(
-            f"eta table {table_path} not found; pass an eta.npy file or the folder that contains it."
+            f"eta table {table_path} not found; pass an eta.npy file or the folder that "
+            "contains it."
         )
     values = _read_values(table_path)
 

@@ -32,7 +32,7 @@ def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
         tensor = state_dict[key]
         if not isinstance(tensor, torch.Tensor):
             raise CalibexportError(
-                f"cannot hash weights: entry {key!r} is a {type(tensor).__name__}, not a tensor; "
+                f"cannot hash weights: entry {key!r} has type {type(tensor).__name__}, not a tensor; "
                 "pass a state_dict that maps names to tensors."
             )
         if tensor.is_meta:

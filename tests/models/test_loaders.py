@@ -491,3 +491,26 @@ def test_integer_tensor_rejected(tmp_path, tiny_spec, make_state):
 
     with pytest.raises(CalibexportError, match="'conv_out.bias' has dtype torch.int64"):
         load_model(path, config=config)
+
+
+def test_bayesian_logvar_dropped(tmp_path, tiny_spec, make_state, reference_net, run_net):
+    state = make_state(0)
+    path = tmp_path / "bayes.pt"
+    torch.save({**state, "logvar": torch.zeros(1000)}, path)
+    config = ddim_yaml_dict(tiny_spec)
+    config["model"]["type"] = "bayesian"
+    (tmp_path / "bayes.yml").write_text(yaml.safe_dump(config))
+
+    loaded = load_model(path)
+
+    assert torch.equal(run_net(loaded.module), run_net(reference_net(state)))
+    assert loaded.weights_sha256 == weights_sha256(state)
+
+
+def test_logvar_unexpected_for_simple_type(tmp_path, tiny_spec, make_state):
+    path = tmp_path / "simple.pt"
+    torch.save({**make_state(0), "logvar": torch.zeros(1000)}, path)
+    (tmp_path / "simple.yml").write_text(yaml.safe_dump(ddim_yaml_dict(tiny_spec)))
+
+    with pytest.raises(CalibexportError, match=r"1 unexpected keys \['logvar'\]"):
+        load_model(path)

@@ -188,7 +188,7 @@ def _accumulate(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Evaluate every (row, sample) pair in batches and return float64 sums and sums of squares."""
     import torch
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     device = images.device
     alpha_rows = torch.tensor(alpha, dtype=torch.float32, device=device)

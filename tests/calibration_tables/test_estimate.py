@@ -220,3 +220,17 @@ def test_standard_error_summary() -> None:
     assert summary["row_max"] == [7.0, 15.0, 23.0]
     assert summary["row_mean"] == [3.5, 11.5, 19.5]
     assert summary["max"] == 23.0
+
+
+def test_progress_and_log_lines(
+    capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    images = np.zeros((2, 1, 2, 2), dtype=np.float32)
+    with caplog.at_level("INFO", logger="calibexport.calibration_tables.estimate"):
+        estimate_eta(TimestepEcho(), SCHEDULE, images, num_samples=3, progress=True)
+    captured = capsys.readouterr()
+
+    assert "60/60" in captured.err
+    assert captured.out == ""
+    assert "20 rows x 3 samples = 60 evaluations" in caplog.text
+    assert "evaluations/s" in caplog.text

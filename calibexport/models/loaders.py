@@ -62,7 +62,8 @@ class LoadedModel:
     source: dict[str, Any]
 
 
-def load_model(path: str | Path, *, config: str | None = None, weights: str = "ema") -> LoadedModel:
+def load_model(path: str | Path, *, config: str | Path | None = None,
+               weights: str = "ema") -> LoadedModel:
     """Load a checkpoint in any of ``FORMATS`` into a float32 ``DDPMUNet`` on the CPU.
 
     ``config`` is a preset name, a DDIM-style YAML file or a calibexport JSON config. Without it,
@@ -126,7 +127,8 @@ def _check_checkpoint_path(path: Path) -> None:
 # Config resolution ------------------------------------------------------------------------------
 
 
-def _resolve_config(checkpoint: Path, config: str | Path | None) -> tuple[ModelSpec, dict[str, str]]:
+def _resolve_config(checkpoint: Path,
+                    config: str | Path | None) -> tuple[ModelSpec, dict[str, str]]:
     if config is not None:
         spec, kind, origin = _spec_from_config_option(config)
     else:
@@ -286,9 +288,12 @@ def _select_from_ddim_list(items: list[Any] | tuple[Any, ...], path: Path,
     if weights == "model":
         return items[0], "model"
     if not has_ema:
+        if len(items) == 1:
+            reason = "its only element is the model state"
+        else:
+            reason = f"its last element is a {type(items[-1]).__name__}, not a state_dict"
         raise CalibexportError(
-            f"checkpoint {path} has no EMA weights: its last element is a "
-            f"{type(items[-1]).__name__}, not a state_dict (DDIM stores EMA weights only when "
+            f"checkpoint {path} has no EMA weights: {reason} (DDIM stores EMA weights only when "
             "trained with model.ema true). Pass --weights model to load the training weights."
         )
     return items[-1], "ema"

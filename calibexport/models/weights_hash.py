@@ -32,8 +32,8 @@ def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
         tensor = state_dict[key]
         if not isinstance(tensor, torch.Tensor):
             raise CalibexportError(
-                f"cannot hash weights: entry {key!r} has type {type(tensor).__name__}, not a tensor; "
-                "pass a state_dict that maps names to tensors."
+                f"cannot hash weights: entry {key!r} has type {type(tensor).__name__}, not a "
+                "tensor; pass a state_dict that maps names to tensors."
             )
         if tensor.is_meta:
             raise CalibexportError(

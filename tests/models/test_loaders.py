@@ -514,3 +514,15 @@ def test_logvar_unexpected_for_simple_type(tmp_path, tiny_spec, make_state):
 
     with pytest.raises(CalibexportError, match=r"1 unexpected keys \['logvar'\]"):
         load_model(path)
+
+
+def test_single_element_list(tmp_path, tiny_spec, make_state, reference_net, run_net):
+    state = make_state(1)
+    path = tmp_path / "single.pth"
+    torch.save([prefixed(state)], path)
+    config = str(write_json_config(tmp_path / "tiny.json", tiny_spec))
+
+    with pytest.raises(CalibexportError, match="its only element is the model state"):
+        load_model(path, config=config)
+    loaded = load_model(path, config=config, weights="model")
+    assert torch.equal(run_net(loaded.module), run_net(reference_net(state)))

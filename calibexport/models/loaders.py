@@ -52,8 +52,11 @@ class LoadedModel:
     """A network ready for inference, with the identity of the weights it was loaded from.
 
     ``module`` is in eval mode with float32 parameters on the CPU. ``source`` records the
-    checkpoint path, its format (one of ``FORMATS``), the weights used (``ema``, ``model`` or
-    ``unlabeled``), the weights requested and where the config came from.
+    checkpoint ``path``, its ``format`` (one of ``FORMATS``), the ``weights`` choice passed to
+    ``load_model``, the weights loaded (``weights_loaded``: ``ema``, ``model``, or ``unlabeled``
+    for a file with one set of weights), and the ``config`` with its ``config_kind``
+    (``preset``, ``json`` or ``ddim_yaml``). Passing ``path``, ``config`` and ``weights`` back
+    to ``load_model`` loads the same network.
     """
 
     module: torch.nn.Module
@@ -95,8 +98,8 @@ def load_model(path: str | Path, *, config: str | Path | None = None,
     source = {
         "path": str(path),
         "format": checkpoint_format,
-        "weights": weights_used,
-        "weights_requested": weights,
+        "weights": weights,
+        "weights_loaded": weights_used,
         **config_source,
     }
     num_params = sum(p.numel() for p in module.parameters())

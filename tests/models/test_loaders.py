@@ -87,7 +87,8 @@ def test_native_round_trip(tmp_path, tiny_spec, make_state, reference_net, run_n
     assert torch.equal(run_net(loaded.module), run_net(reference_net(state)))
     assert loaded.spec.to_dict() == tiny_spec.to_dict()
     assert loaded.source["format"] == "native"
-    assert loaded.source["weights"] == "unlabeled"
+    assert loaded.source["weights"] == "ema"
+    assert loaded.source["weights_loaded"] == "unlabeled"
     assert loaded.source["config_kind"] == "json"
     assert loaded.source["config"] == str(tmp_path / "net.json")
     assert loaded.source["path"] == str(path)
@@ -113,7 +114,7 @@ def test_ddim_list_ema_default(ddim_checkpoint, reference_net, run_net):
 
     assert torch.equal(run_net(loaded.module), run_net(reference_net(ema_state)))
     assert loaded.source["format"] == "ddim_list"
-    assert loaded.source["weights"] == "ema"
+    assert loaded.source["weights_loaded"] == "ema"
 
 
 def test_ddim_list_model_weights(ddim_checkpoint, reference_net, run_net):
@@ -124,7 +125,7 @@ def test_ddim_list_model_weights(ddim_checkpoint, reference_net, run_net):
     assert torch.equal(run_net(loaded.module), run_net(reference_net(model_state)))
     assert not torch.equal(run_net(loaded.module), run_net(reference_net(ema_state)))
     assert loaded.source["weights"] == "model"
-    assert loaded.source["weights_requested"] == "model"
+    assert loaded.source["weights_loaded"] == "model"
 
 
 def test_ddim_list_ema_with_module_prefix(tmp_path, tiny_spec, make_state, reference_net,
@@ -221,7 +222,7 @@ def test_wrapped_state_dict(tmp_path, tiny_spec, make_state, reference_net, run_
     loaded = load_model(path, weights=weights)
 
     assert torch.equal(run_net(loaded.module), run_net(reference_net(state)))
-    assert loaded.source["weights"] == ("unlabeled" if entry == "state_dict" else entry)
+    assert loaded.source["weights_loaded"] == ("unlabeled" if entry == "state_dict" else entry)
 
 
 def test_wrapped_ema_and_model(tmp_path, tiny_spec, make_state, reference_net, run_net):
@@ -526,3 +527,16 @@ def test_single_element_list(tmp_path, tiny_spec, make_state, reference_net, run
         load_model(path, config=config)
     loaded = load_model(path, config=config, weights="model")
     assert torch.equal(run_net(loaded.module), run_net(reference_net(state)))
+
+
+def test_source_reloads_same_network(tmp_path, tiny_spec, make_state):
+    path = tmp_path / "ckpt.pth"
+    torch.save(ddim_list(make_state(1), make_state(2)), path)
+    write_json_config(tmp_path / "ckpt.json", tiny_spec)
+    first = load_model(path, weights="model")
+
+    source = first.source
+    second = load_model(source["path"], config=source["config"], weights=source["weights"])
+
+    assert second.weights_sha256 == first.weights_sha256
+    assert second.source == first.source

@@ -86,10 +86,16 @@ class VPSchedule:
                 f"t_end={t_end} is outside the schedule's time range (0, {self.t_max}); "
                 f"use a value such as {self.default_t_end}."
             )
-        if not np.isfinite(self.lambda_(np.array(t_end))):
+        # A schedule extrapolated below its first step can reach log_alpha >= 0 there; the
+        # NaN or inf that lambda then takes is reported below, so numpy's warning is silenced.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            lambda_end = self.lambda_(np.array(t_end))
+        if not np.isfinite(lambda_end):
+            log_alpha_end = float(self.log_alpha(np.array(t_end)))
             raise CalibexportError(
-                f"t_end={t_end} gives sigma_t = 0 on this schedule, so the solver would divide "
-                f"by zero; use a larger t_end such as {self.default_t_end}."
+                f"t_end={t_end} gives log_alpha={log_alpha_end!r} on this schedule, so sigma_t is "
+                f"not positive and lambda is undefined there; use a larger t_end such as "
+                f"{self.default_t_end}."
             )
 
 

@@ -52,11 +52,11 @@ class LoadedModel:
     """A network ready for inference, with the identity of the weights it was loaded from.
 
     ``module`` is in eval mode with float32 parameters on the CPU. ``source`` records the
-    checkpoint ``path``, its ``format`` (one of ``FORMATS``), the ``weights`` choice passed to
-    ``load_model``, the weights loaded (``weights_loaded``: ``ema``, ``model``, or ``unlabeled``
-    for a file with one set of weights), and the ``config`` with its ``config_kind``
-    (``preset``, ``json`` or ``ddim_yaml``). Passing ``path``, ``config`` and ``weights`` back
-    to ``load_model`` loads the same network.
+    checkpoint ``path``, its ``format`` (one of ``FORMATS``) and the ``weights`` choice passed
+    to ``load_model``. ``weights_loaded`` is ``ema``, ``model``, or ``unlabeled`` for a file with
+    one set of weights. ``config`` and ``config_kind`` (``preset``, ``json`` or ``ddim_yaml``)
+    name where the architecture came from. Passing ``path``, ``config`` and ``weights`` back to
+    ``load_model`` loads the same network.
     """
 
     module: torch.nn.Module
@@ -71,7 +71,9 @@ def load_model(path: str | Path, *, config: str | Path | None = None,
 
     ``config`` is a preset name, a DDIM-style YAML file or a calibexport JSON config. Without it,
     the config beside the checkpoint (NAME.json, NAME.yml or NAME.yaml) is used. ``weights``
-    selects the EMA or the raw training weights where the file contains both.
+    selects the EMA or the raw training weights where the file labels them. A file with one
+    unlabeled set of weights (native, a bare state_dict) loads that set, with a warning if
+    ``weights`` is "model".
     """
     start = time.perf_counter()
     path = Path(path)
@@ -247,7 +249,8 @@ def _unsafe_pickle_error(path: Path, err: Exception) -> CalibexportError:
 
 
 def _corrupt_file_error(path: Path, err: Exception) -> CalibexportError:
-    message = str(err).strip().splitlines()[0] if str(err).strip() else "no message"
+    lines = str(err).strip().splitlines()
+    message = lines[0] if lines else "no message"
     return CalibexportError(
         f"could not read checkpoint {path}: {type(err).__name__}: {message}; the file is "
         "truncated, corrupted or not a torch checkpoint, so copy or download it again."

@@ -540,3 +540,14 @@ def test_source_reloads_same_network(tmp_path, tiny_spec, make_state):
 
     assert second.weights_sha256 == first.weights_sha256
     assert second.source == first.source
+
+
+def test_unlabeled_weights_warn_for_model(tmp_path, tiny_spec, make_state, caplog):
+    path = tmp_path / "net.safetensors"
+    save_native(path, make_state(0), tiny_spec)
+
+    with caplog.at_level(logging.WARNING, logger="calibexport.models.loaders"):
+        loaded = load_model(path, weights="model")
+
+    assert "without an EMA/model label" in caplog.text
+    assert loaded.source["weights_loaded"] == "unlabeled"

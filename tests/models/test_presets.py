@@ -11,7 +11,8 @@ from calibexport.errors import CalibexportError
 from calibexport.models import PRESETS, DDPMUNet, ModelSpec, get_preset
 from calibexport.runtime.schedule import schedule_from_spec
 
-# Documented sizes of the public checkpoints: DDIM CelebA 64x64 and the converted DDPM CIFAR-10 release.
+# Documented sizes of the public checkpoints: DDIM CelebA 64x64 and the converted DDPM
+# CIFAR-10 release.
 DOCUMENTED_SIZES = {
     "celeba64": (78_700_803, 390),
     "cifar10": (35_746_307, 328),

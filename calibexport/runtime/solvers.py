@@ -23,7 +23,7 @@ import numpy as np
 
 from calibexport.errors import CalibexportError
 from calibexport.runtime.schedule import VPSchedule
-from calibexport.runtime.spacing import SPACINGS, check_spacing, time_grid
+from calibexport.runtime.spacing import check_spacing, time_grid
 
 logger = logging.getLogger(__name__)
 
@@ -475,7 +475,7 @@ def solve(
     ``denoise_to_zero`` adds at ``t_end`` (it returns ``x0 = (x - sigma eps) / alpha``). Without
     it the result is the state at ``t_end``, which still holds noise of standard deviation
     ``sigma(t_end)``. ``t_start=None`` and ``t_end=None`` mean ``schedule.t_max`` and
-    ``schedule.default_t_end``. ``spacing`` (``SPACINGS``) places the steps; see
+    ``schedule.default_t_end``. ``spacing`` (one of ``spacing.SPACINGS``) places the steps; see
     ``calibexport.runtime.spacing``. ``callback(StepInfo)`` runs after every outer step.
 
     Returns the final state, a new array in x_T's dtype; x_T is not modified.

@@ -15,7 +15,7 @@ def initial_noise(
     """Draw x_T ~ N(0, I) for the samples ``indices``: float32 [len(indices), *shape].
 
     Sample ``i`` comes from ``np.random.default_rng(np.random.SeedSequence([seed, i]))``, so it is
-    the same whichever batch holds it and wherever it sits in that batch.
+    the same whichever batch contains it and wherever it sits in that batch.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise CalibexportError(f"seed={seed!r} is invalid; use a non-negative integer.")

@@ -5,11 +5,11 @@ Model Sampling in Around 10 Steps", NeurIPS 2022) and DPM-Solver++ (Lu et al., a
 for the multistep form: ``x_t = alpha_t x_0 + sigma_t e``, ``lambda_t = log(alpha_t / sigma_t)``,
 a step from s to t has ``h = lambda_t - lambda_s`` and ``phi_1 = expm1(h)``.
 
-Every method shares one contract (``solve``): the network is ``eps_fn(x, t)`` with ``x`` the
-current state [B, C, H, W] in the dtype of ``x_T`` and ``t`` a float64 array [B] of solver times
-(equal within a call); it returns eps with x's shape. The solver keeps its coefficients in float64
-Python floats and does the array arithmetic in the state's dtype. ``eps_fn`` must return a new
-array each call, not a view of ``x``, because the solver keeps earlier eps values (multistep).
+Every method shares one contract (``solve``). The network is ``eps_fn(x, t)``: ``x`` is the
+current state [B, C, H, W] in the dtype of ``x_T``, ``t`` is a float64 array [B] of solver times
+(equal within a call), and it returns eps with x's shape. The solver keeps its coefficients
+in float64 Python floats and does the array arithmetic in the state's dtype. ``eps_fn`` must
+return a new array each call, not a view of ``x``, because multistep keeps earlier eps values.
 """
 
 from __future__ import annotations
@@ -113,15 +113,19 @@ class _Evaluator:
 # ---------------------------------------------------------------------------------------------
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _check_method_order(steps: int, order: int, method: str) -> None:
-    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+    if not _is_int(steps) or steps < 1:
         raise CalibexportError(
             f"steps={steps!r} is invalid; steps is the number of network evaluations and must "
             f"be an integer >= 1."
         )
     if method not in METHODS:
         raise CalibexportError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}.")
-    if order not in (1, 2, 3):
+    if not _is_int(order) or order not in (1, 2, 3):
         raise CalibexportError(f"order={order!r} is invalid; valid orders: 1, 2, 3.")
     if method == "ddim" and order != 1:
         raise CalibexportError(
@@ -168,6 +172,9 @@ def multistep_orders(steps: int, order: int, lower_order_final: bool = True) -> 
     Step ``i`` (from 1) uses ``min(order, i)`` because only ``i`` earlier eps values exist. With
     ``lower_order_final`` and fewer than 10 steps, step ``i`` also uses at most
     ``steps + 1 - i``, which ends on a first-order step.
+
+    The first step is always first order. Where eps changes within it (t_start well below t_max)
+    its O(h^2) local error caps the global order at 2 for large NFE.
     """
     _check_method_order(steps, order, "multistep")
     orders = []
@@ -197,7 +204,7 @@ def count_nfe(steps: int, order: int, method: str, denoise_to_zero: bool = False
 def _dpm_solver_1(
     x: np.ndarray, s: _Node, t: _Node, eps_s: np.ndarray, scratch: np.ndarray
 ) -> np.ndarray:
-    """DPM-Solver-1 (Lu et al. 2022, eq. 3.7), which is DDIM written in lambda."""
+    """DPM-Solver-1 (Lu et al., NeurIPS 2022), which is DDIM written in lambda."""
     h = t.lambda_ - s.lambda_
 
     # x_t = (alpha_t / alpha_s) x - sigma_t phi_1 eps_s
@@ -213,7 +220,7 @@ def _singlestep_2(
     eps_s: np.ndarray,
     scratch: np.ndarray,
 ) -> np.ndarray:
-    """Singlestep DPM-Solver-2 (Lu et al. 2022, Algorithm 4) with inner point r1."""
+    """Singlestep DPM-Solver-2 (Lu et al., NeurIPS 2022) with its inner point at r1 of h."""
     s, s1, t = nodes
     (r1,) = ratios
     h = t.lambda_ - s.lambda_
@@ -237,7 +244,7 @@ def _singlestep_3(
     eps_s: np.ndarray,
     scratch: np.ndarray,
 ) -> np.ndarray:
-    """Singlestep DPM-Solver-3 (Lu et al. 2022, Algorithm 5) with inner points r1 < r2."""
+    """Singlestep DPM-Solver-3 (Lu et al., NeurIPS 2022) with inner points at r1 < r2 of h."""
     s, s1, s2, t = nodes
     r1, r2 = ratios
     h = t.lambda_ - s.lambda_
@@ -473,7 +480,7 @@ def solve(
 
     ``steps`` counts network evaluations, excluding the final denoising evaluation that
     ``denoise_to_zero`` adds at ``t_end`` (it returns ``x0 = (x - sigma eps) / alpha``). Without
-    it the result is the state at ``t_end``, which still holds noise of standard deviation
+    it the result is the state at ``t_end``, which still contains noise of standard deviation
     ``sigma(t_end)``. ``t_start=None`` and ``t_end=None`` mean ``schedule.t_max`` and
     ``schedule.default_t_end``. ``spacing`` (one of ``spacing.SPACINGS``) places the steps; see
     ``calibexport.runtime.spacing``. ``callback(StepInfo)`` runs after every outer step.

@@ -38,9 +38,11 @@ def time_grid(
     coincide in float64, or a schedule that is not monotone there).
     """
     check_spacing(spacing)
-    if int(num_intervals) != num_intervals or num_intervals < 1:
+    is_int = isinstance(num_intervals, (int, np.integer)) and not isinstance(num_intervals, bool)
+    if not is_int or num_intervals < 1:
         raise CalibexportError(
-            f"num_intervals={num_intervals} is invalid; the grid needs at least 1 interval."
+            f"num_intervals={num_intervals!r} is invalid; the grid needs an integer number of "
+            f"intervals, at least 1."
         )
     t_start, t_end = float(t_start), float(t_end)
     if not t_end < t_start:

@@ -42,7 +42,8 @@ class StepInfo:
 
     ``step`` counts from 1, ``t`` is the solver time the state ``x`` belongs to and ``nfe`` the
     number of network evaluations so far. After the optional final denoising evaluation ``x`` is
-    the data prediction and ``t`` is 0.0.
+    the data prediction and ``t`` is 0.0. Each step makes a new ``x`` and the solver never writes
+    to it again, so a callback may keep it without copying.
     """
 
     step: int

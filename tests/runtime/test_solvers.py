@@ -143,6 +143,24 @@ def test_callback_sees_every_step(ddpm_schedule, gaussian, exact_eps):
     assert all(a.t > b.t for a, b in zip(infos, infos[1:]))
 
 
+def test_callback_states_stay_unchanged(ddpm_schedule, gaussian, exact_eps):
+    kept: list[np.ndarray] = []
+    copies: list[np.ndarray] = []
+
+    def keep(info: StepInfo) -> None:
+        kept.append(info.x)
+        copies.append(info.x.copy())
+
+    for method in METHODS:
+        kept.clear()
+        copies.clear()
+        eps_fn = exact_eps(ddpm_schedule, gaussian)
+        solve(eps_fn, _noise(), ddpm_schedule, steps=9, order=1, method=method, callback=keep)
+        assert len(kept) == len({id(x) for x in kept}), method
+        for x, copy in zip(kept, copies):
+            np.testing.assert_array_equal(x, copy)
+
+
 def test_callback_reports_denoising_step(ddpm_schedule, gaussian, exact_eps):
     infos: list[StepInfo] = []
     solve(

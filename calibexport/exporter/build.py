@@ -80,8 +80,9 @@ def build_artifact(options: BuildOptions) -> BuildResult:
         tmp = Path(tmp)
         logger.info("Building %s from %s and %s ...", options.out, options.model, options.eta)
         network_path = tmp / "network.onnx"
-        export_info = export_onnx(loaded.module, network_path, image_shape=image_shape,
-                                  exporter=options.exporter, opset=options.opset)
+        export_options = {"exporter": options.exporter} if options.exporter else {}
+        export_info = export_onnx(loaded.module, network_path, image_shape=image_shape, opset=options.opset,
+                                  **export_options)
 
         import onnx
 
@@ -97,8 +98,13 @@ def build_artifact(options: BuildOptions) -> BuildResult:
         network_path.unlink()
         _copy_table(table, tmp)
 
+        files = ["model.onnx", "eta.npy"] + (["eta.json"] if table.metadata is not None else [])
         manifest = build_manifest(
-            artifact_dir=tmp, loaded=loaded, eta=table, export_info=export_info, image_shape=image_shape,
+            tmp, schedule=loaded.spec.schedule, prediction_type=loaded.spec.prediction_type,
+            image_shape=image_shape, num_timesteps=table.values.shape[0],
+            weights_sha256=loaded.weights_sha256, model_path=Path(options.model).resolve(),
+            config=_config_reference(options.config), weights=options.weights, export_info=export_info,
+            eta_sha256=table.sha256, files=files,
         )
         write_manifest(tmp, manifest)
 
@@ -141,6 +147,13 @@ def _copy_table(table: EtaTable, directory: Path) -> None:
     from calibexport.calibration_tables.table_io import save_eta_table
 
     save_eta_table(directory / "eta.npy", table.values, table.metadata)
+
+
+def _config_reference(config: str | None) -> str | None:
+    """Record a config file by absolute path so validate works from any directory; presets by name."""
+    if config is not None and Path(config).exists():
+        return str(Path(config).resolve())
+    return config
 
 
 def _json(value: object) -> str:

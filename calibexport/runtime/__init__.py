@@ -11,14 +11,25 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Sampler", "solve", "schedule_from_spec", "load_eta_table"]
-
 _LAZY = {
     "Sampler": "calibexport.runtime.sampler",
     "solve": "calibexport.runtime.solvers",
+    "StepInfo": "calibexport.runtime.solvers",
+    "EpsFn": "calibexport.runtime.solvers",
+    "METHODS": "calibexport.runtime.solvers",
+    "count_nfe": "calibexport.runtime.solvers",
+    "singlestep_orders": "calibexport.runtime.solvers",
+    "multistep_orders": "calibexport.runtime.solvers",
+    "SPACINGS": "calibexport.runtime.spacing",
+    "time_grid": "calibexport.runtime.spacing",
+    "initial_noise": "calibexport.runtime.noise",
     "schedule_from_spec": "calibexport.runtime.schedule",
+    "DiscreteVPSchedule": "calibexport.runtime.schedule",
+    "LinearVPSchedule": "calibexport.runtime.schedule",
     "load_eta_table": "calibexport.runtime.eta_table",
+    "EtaTable": "calibexport.runtime.eta_table",
 }
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

@@ -122,7 +122,9 @@ def check_folded_model(model: onnx.ModelProto, output: str) -> None:
         )
 
 
-def save_onnx(model: onnx.ModelProto, path: str | Path, *, external_data: bool | None = None) -> None:
+def save_onnx(
+    model: onnx.ModelProto, path: str | Path, *, external_data: bool | None = None
+) -> None:
     """Write ``model`` to ``path`` through a temporary file in the same folder and os.replace.
 
     ``external_data`` None stores the weights inside the file unless the model reaches the 2 GiB
@@ -208,6 +210,7 @@ def _gather_interpolated(graph: onnx.GraphProto, timestep: str, t_type: int, num
         t = _node(graph, "Cast", [timestep], "t_float32", to=TensorProto.FLOAT)
 
     # t' = clip(t, 0, T-1); lo = floor(t'); w = t' - lo
+    # NOTE: a NaN timestep passes Clip as NaN and yields an undefined Gather index.
     t_min = _constant(graph, "t_min", np.array(0.0, dtype=np.float32))
     t_max = _constant(graph, "t_max", np.array(num_rows - 1, dtype=np.float32))
     clamped = _node(graph, "Clip", [t, t_min, t_max], "t_clamped")

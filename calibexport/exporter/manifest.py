@@ -60,9 +60,9 @@ def build_manifest(
 
     ``files`` are hashed with sha256, and each must exist. ``model_path``, ``config`` (a preset
     name or a config file path) and ``weights`` (ema/model) identify the source network for
-    reloading it, and ``source_extra`` adds further source fields. ``export_info`` is the ``ExportInfo`` of the
-    ONNX export (anything with ``to_dict()``, a mapping, or None). ``eta_sha256`` is the digest of
-    the table values (``calibexport.hashing.sha256_array``).
+    reloading it, and ``source_extra`` adds further source fields. ``export_info`` is the
+    ``ExportInfo`` of the ONNX export (anything with ``to_dict()``, a mapping, or None).
+    ``eta_sha256`` is the digest of the table values (``calibexport.hashing.sha256_array``).
     """
     artifact_dir = Path(artifact_dir)
     shape = [int(d) for d in image_shape]
@@ -102,7 +102,7 @@ def build_manifest(
 
 
 def write_manifest(artifact_dir: str | Path, manifest: Mapping[str, Any]) -> Path:
-    """Write ``manifest`` atomically as ``manifest.json`` in ``artifact_dir`` and return its path."""
+    """Write ``manifest`` atomically as ``artifact_dir/manifest.json`` and return that path."""
     path = Path(artifact_dir) / MANIFEST_FILENAME
     try:
         text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"

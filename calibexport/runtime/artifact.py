@@ -78,9 +78,13 @@ class Manifest:
             image_shape = tuple(int(d) for d in data["image_shape"])
             weights_sha256 = str(data["source"]["weights_sha256"])
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise CalibexportError(f"{where} is malformed ({exc!r}); rebuild the artifact.") from exc
+            raise CalibexportError(
+                f"{where} is malformed ({exc!r}); rebuild the artifact."
+            ) from exc
         if len(image_shape) != 3:
-            raise CalibexportError(f"{where} has image_shape {list(image_shape)}; expected [C, H, W].")
+            raise CalibexportError(
+                f"{where} has image_shape {list(image_shape)}; expected [C, H, W]."
+            )
         return cls(
             version=version,
             schedule=dict(data["schedule"]),
@@ -122,7 +126,7 @@ def load_manifest(artifact_dir: str | Path) -> Manifest:
 
 
 def verify_artifact_files(artifact_dir: str | Path, manifest: Manifest) -> None:
-    """Recompute the sha256 of every file in ``manifest.files``; raise naming each one that differs."""
+    """Recompute the sha256 of each file in ``manifest.files`` and raise naming every mismatch."""
     artifact_dir = Path(artifact_dir)
     problems = []
     for name, expected in sorted(manifest.files.items()):

@@ -57,6 +57,14 @@ class FloatOfTimestepNet(torch.nn.Module):
         return x * float(t[0])
 
 
+class BatchAsIntNet(torch.nn.Module):
+    """Reads the batch size through int(), which tracing can freeze at the example batch."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(int(x.shape[0]), -1) * t[:, None]
+        return flat.reshape(x.shape)
+
+
 class ShapeOnlyTimestepNet(torch.nn.Module):
     """Uses only the shape of the timestep, never its values."""
 
@@ -232,6 +240,20 @@ def test_export_example_batch_one_stays_dynamic(tmp_path, run_onnx, exporter):
     x = images(4)
     t = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)
     assert run_onnx(str(path), x, t).shape == (4, *IMAGE_SHAPE)
+
+
+@pytest.mark.parametrize(
+    ("exporter", "example_batch", "message"),
+    [("dynamo", 1, "batch axis of 'x' is not symbolic"),
+     ("dynamo", 2, "batch axis of 'x' is not symbolic"),
+     ("torchscript", 1, "fails at batch 2"),
+     ("torchscript", 2, "fails at batch 3")],
+)
+def test_export_frozen_batch_rejected(tmp_path, exporter, example_batch, message):
+    with pytest.raises(CalibexportError, match=message):
+        export_onnx(BatchAsIntNet(), tmp_path / "n.onnx", image_shape=IMAGE_SHAPE,
+                    exporter=exporter, example_batch=example_batch)
+    assert not (tmp_path / "n.onnx").exists()
 
 
 def test_export_restores_training_mode(tmp_path):

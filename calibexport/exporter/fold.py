@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 
 #: Prefix of every node, initializer and value name that the fold adds.
 PREFIX = "calibexport_eta/"
-#: The onnx.checker cannot take a model proto of 2 GiB or more in memory.
-_PROTOBUF_LIMIT_BYTES = 2**31
+#: A protobuf message cannot reach 2 GiB, so larger models keep their weights in a separate file
+#: and onnx.checker cannot take them in memory.
+PROTOBUF_LIMIT_BYTES = 2**31
 # The fold uses Clip with min/max inputs on int64 (opset 12) and Gather/Reshape semantics of 13.
 _MIN_OPSET = 13
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
@@ -60,7 +61,7 @@ def fold_eta(
     folded.CopyFrom(model)
     graph = folded.graph
 
-    opset = _default_opset(folded)
+    opset = default_opset(folded)
     if opset < _MIN_OPSET:
         raise CalibexportError(
             f"the graph uses ONNX opset {opset}; folding eta needs opset {_MIN_OPSET} or newer. "
@@ -102,7 +103,7 @@ def fold_eta(
 
 def check_folded_model(model: onnx.ModelProto, output: str) -> None:
     """Run onnx.checker and strict shape inference, and check the output keeps its static dims."""
-    if model.ByteSize() >= _PROTOBUF_LIMIT_BYTES:
+    if model.ByteSize() >= PROTOBUF_LIMIT_BYTES:
         # NOTE: models past the protobuf limit skip both checks; they need a path-based check.
         logger.warning("model is %d bytes, past the 2 GiB protobuf limit: checks skipped.",
                        model.ByteSize())
@@ -132,7 +133,7 @@ def save_onnx(
     """
     path = Path(path)
     if external_data is None:
-        external_data = model.ByteSize() >= _PROTOBUF_LIMIT_BYTES
+        external_data = model.ByteSize() >= PROTOBUF_LIMIT_BYTES
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-", dir=path.parent) as tmp:
         tmp_model = Path(tmp) / path.name
@@ -330,7 +331,8 @@ def _dims(shape: onnx.TensorShapeProto) -> list[int | str]:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shape.dim]
 
 
-def _default_opset(model: onnx.ModelProto) -> int:
+def default_opset(model: onnx.ModelProto) -> int:
+    """Return the version of the default ONNX operator set that ``model`` imports."""
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
             return int(entry.version)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from calibexport.errors import CalibexportError
+from calibexport.exporter.fold import PROTOBUF_LIMIT_BYTES, default_opset, save_onnx
 
 if TYPE_CHECKING:
     import onnx
@@ -49,8 +50,6 @@ OUTPUT_NAME = "eps"
 BATCH_AXIS_NAME = "batch"
 #: Timestep dtypes the exported graph can take, as numpy dtype names.
 TIMESTEP_DTYPES = ("float16", "float32", "float64", "int32", "int64")
-# A protobuf message cannot exceed 2 GiB, so larger models keep weights in a separate file.
-_PROTOBUF_LIMIT_BYTES = 2**31
 # Ops whose output depends only on the shape of their input, never on its values.
 _SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 # The dynamo exporter's graph passes log every rewrite at INFO (hundreds of lines per export),
@@ -114,7 +113,7 @@ def export_onnx(
                 path, exporter, opset if opset is not None else "default")
     start = time.perf_counter()
     example = _example_inputs(image_shape, dtype, example_batch)
-    large = _parameter_bytes(module) >= _PROTOBUF_LIMIT_BYTES
+    large = _parameter_bytes(module) >= PROTOBUF_LIMIT_BYTES
     was_training = module.training
     module.eval()
     try:
@@ -123,7 +122,7 @@ def export_onnx(
             _run_exporter(_make_adapter(module), example, tmp_path, exporter, opset, large)
             model = _load_exported(tmp_path)
             check_exported_graph(model, image_shape=image_shape, timestep_dtype=dtype)
-            saved_opset = _default_opset(model)
+            saved_opset = default_opset(model)
             if opset is not None and saved_opset != opset:
                 raise CalibexportError(
                     f"the {exporter} exporter wrote opset {saved_opset} although opset {opset} was "
@@ -299,8 +298,6 @@ def _install(model: onnx.ModelProto, tmp_path: Path, path: Path) -> None:
         os.replace(tmp_path, path)
         return
     # The exporter split the weights into files of its own naming, all loaded into ``model`` now.
-    from calibexport.exporter.fold import save_onnx
-
     save_onnx(model, path, external_data=True)
 
 
@@ -313,13 +310,6 @@ def _has_external_data(tensor: Any) -> bool:
 def _parameter_bytes(module: torch.nn.Module) -> int:
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    raise CalibexportError("the exported graph imports no default-domain ONNX opset.")
 
 
 def _check_timestep_dtype(timestep_dtype: Any) -> np.dtype:

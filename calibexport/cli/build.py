@@ -1,0 +1,59 @@
+"""``calibexport build``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from calibexport.cli.app import (
+    CONFIG_HELP,
+    EXIT_PARITY_FAILED,
+    MODEL_HELP,
+    WEIGHTS_HELP,
+    app,
+    user_errors,
+)
+
+
+@app.command()
+@user_errors
+def build(
+    model: Path = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    eta: Path = typer.Option(..., "--eta", "-e", help="eta table (.npy, float32 [T, C, H, W])."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Artifact directory (default: build/<model file stem>)."
+    ),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+    weights: str = typer.Option("ema", "--weights", help=WEIGHTS_HELP),
+    exporter: Optional[str] = typer.Option(
+        None, help="torch ONNX exporter: dynamo (default) or torchscript."
+    ),
+    opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the exporter's)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing artifact directory."
+    ),
+    validate: bool = typer.Option(
+        True, "--validate/--no-validate", help="Run parity checks after the build."
+    ),
+    allow_mismatch: bool = typer.Option(
+        False, "--allow-mismatch", help="Accept an eta table estimated for other weights."
+    ),
+    tolerance: str = typer.Option("fp32-cpu", "--tolerance", help="Parity tolerance preset."),
+) -> None:
+    """Export the network to ONNX with eta folded in, write the manifest and validate."""
+    from calibexport.exporter.build import BuildOptions, ParityFailed, build_artifact
+
+    out = out or Path("build") / model.stem
+    options = BuildOptions(model=model, eta=eta, out=out, config=config, weights=weights,
+                           exporter=exporter, opset=opset, overwrite=overwrite, validate=validate,
+                           allow_mismatch=allow_mismatch, tolerance_preset=tolerance)
+    try:
+        result = build_artifact(options)
+    except ParityFailed as failure:
+        typer.echo(f"error: {failure}", err=True)
+        raise typer.Exit(EXIT_PARITY_FAILED) from None
+    if result.report is not None:
+        typer.echo((out / "parity.md").read_text())
+    typer.echo(f"Artifact written to {out}")

@@ -1,0 +1,39 @@
+"""``calibexport calibrate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from calibexport.cli.app import CONFIG_HELP, MODEL_HELP, WEIGHTS_HELP, app, user_errors
+
+
+@app.command()
+@user_errors
+def calibrate(
+    model: Path = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    data: str = typer.Option(
+        ..., "--data", "-d", help="Images: a folder, a .npy/.npz array, or 'digits'."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output table eta.npy; the sidecar eta.json is written beside it."
+    ),
+    num_samples: int = typer.Option(
+        64, "--num-samples", "-n", help="Monte Carlo samples per timestep."
+    ),
+    estimator: Optional[str] = typer.Option(
+        None, help="naive or control_variate (default: control_variate)."
+    ),
+    batch_size: int = typer.Option(256, help="Network evaluations per batch."),
+    seed: int = typer.Option(0, help="Random seed for data draws and noise."),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+    weights: str = typer.Option("ema", "--weights", help=WEIGHTS_HELP),
+) -> None:
+    """Estimate eta[t] = E[eps_theta(x_t, t)] for every model timestep, with standard errors."""
+    from calibexport.calibration_tables.calibrate import calibrate_to_file
+
+    calibrate_to_file(model=model, data=data, out=out, num_samples=num_samples,
+                      estimator=estimator, batch_size=batch_size, seed=seed, config=config,
+                      weights=weights)

@@ -1,0 +1,60 @@
+"""``calibexport sample``."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+
+from calibexport.cli.app import app, user_errors
+
+
+@app.command()
+@user_errors
+def sample(
+    artifact: Path = typer.Option(
+        ..., "--artifact", "-a", help="Artifact directory written by build."
+    ),
+    num_samples: int = typer.Option(64, "-n", "--num-samples", help="Number of images."),
+    steps: int = typer.Option(20, help="Network evaluations (NFE)."),
+    order: int = typer.Option(3, help="Solver order: 1, 2 or 3."),
+    method: str = typer.Option(
+        "singlestep", help="singlestep, singlestep_fixed, multistep or ddim."
+    ),
+    spacing: str = typer.Option(
+        "logSNR", help="Time step spacing: logSNR, time_uniform or time_quadratic."
+    ),
+    seed: int = typer.Option(0, help="Noise seed; sample i depends only on (seed, i)."),
+    batch_size: int = typer.Option(64, help="Images per backend call."),
+    out: Path = typer.Option(
+        Path("samples.png"), "--out", "-o",
+        help="PNG grid; the raw samples go to the same name with .npz.",
+    ),
+) -> None:
+    """Sample images with DPM-Solver or DDIM from a built artifact (ONNX Runtime)."""
+    from calibexport.imaging import save_grid_png
+    from calibexport.runtime.sampler import Sampler
+
+    with Sampler.from_artifact(artifact) as sampler:
+        images = sampler.sample(num_samples, steps=steps, order=order, method=method,
+                                spacing=spacing, seed=seed, batch_size=batch_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_grid_png(images, out)
+    npz_path = out.with_suffix(".npz")
+    settings = {"artifact": str(artifact), "steps": steps, "order": order, "method": method,
+                "spacing": spacing, "seed": seed, "num_samples": num_samples}
+    save_samples_npz(npz_path, images, settings)
+    typer.echo(f"Wrote {out} and {npz_path}")
+
+
+def save_samples_npz(path: Path, images: np.ndarray, settings: dict[str, Any]) -> None:
+    """Write raw samples and the settings that produced them (as JSON text) atomically."""
+    from calibexport.exporter.atomic import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.savez(buffer, samples=images, settings=np.array(json.dumps(settings)))
+    atomic_write_bytes(path, buffer.getvalue())

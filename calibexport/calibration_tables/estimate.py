@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ESTIMATORS = ("naive", "control_variate")
-#: Measured on the digits demo model: see docs/calibration.md.
+#: Its variance on the digits demo model is 2.6 (k = 0) to 1655 (k = 999) times lower than
+#: the naive estimator's (docs/calibration.md).
 DEFAULT_ESTIMATOR = "control_variate"
 #: Samples of one row drawn from one generator.
 CHUNK_SIZE = 64

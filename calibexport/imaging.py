@@ -15,7 +15,9 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.rint(scaled).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def make_grid(images: np.ndarray, columns: int | None = None, padding: int = 2, scale: int = 1) -> np.ndarray:
+def make_grid(
+    images: np.ndarray, columns: int | None = None, padding: int = 2, scale: int = 1
+) -> np.ndarray:
     """Tile [N, C, H, W] images in [-1, 1] into one uint8 [rows*H', columns*W', C] array."""
     pixels = to_uint8(images)
     if scale > 1:
@@ -23,13 +25,15 @@ def make_grid(images: np.ndarray, columns: int | None = None, padding: int = 2, 
     count, height, width, channels = pixels.shape
     columns = columns or math.ceil(math.sqrt(count))
     rows = math.ceil(count / columns)
-    grid = np.zeros((rows * (height + padding) + padding, columns * (width + padding) + padding, channels),
-                    dtype=np.uint8)
+    grid = np.zeros(
+        (rows * (height + padding) + padding, columns * (width + padding) + padding, channels),
+        dtype=np.uint8,
+    )
     for index in range(count):
         row, column = divmod(index, columns)
         top = padding + row * (height + padding)
         left = padding + column * (width + padding)
-        grid[top:top + height, left:left + width] = pixels[index]
+        grid[top : top + height, left : left + width] = pixels[index]
     return grid
 
 

@@ -28,7 +28,9 @@ logger = logging.getLogger("train_digits")
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("examples/digits/digits.safetensors"))
     parser.add_argument("--steps", type=int, default=4000, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -67,7 +69,12 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
 
-    logger.info("Training on %d digits images for %d steps, batch %d", len(data), args.steps, args.batch_size)
+    logger.info(
+        "Training on %d digits images for %d steps, batch %d",
+        len(data),
+        args.steps,
+        args.batch_size,
+    )
     start = time.perf_counter()
     recent: list[float] = []
     for step in range(args.steps):
@@ -92,8 +99,14 @@ def main() -> None:
 
         recent.append(loss.item())
         if (step + 1) % 200 == 0 or step + 1 == args.steps:
-            logger.info("step %d/%d loss %.4f (mean of last %d) %.0fs", step + 1, args.steps,
-                        np.mean(recent), len(recent), time.perf_counter() - start)
+            logger.info(
+                "step %d/%d loss %.4f (mean of last %d) %.0fs",
+                step + 1,
+                args.steps,
+                np.mean(recent),
+                len(recent),
+                time.perf_counter() - start,
+            )
             final_loss = float(np.mean(recent))
             recent = []
 

@@ -14,18 +14,40 @@ from calibexport.runtime.schedule import schedule_from_spec
 logger = logging.getLogger(__name__)
 
 
-def calibrate_to_file(*, model: Path, data: str, out: Path, num_samples: int, estimator: str | None = None,
-                      batch_size: int = 256, seed: int = 0, config: str | None = None, weights: str = "ema",
-                      progress: bool = True) -> dict:
+def calibrate_to_file(
+    *,
+    model: Path,
+    data: str,
+    out: Path,
+    num_samples: int,
+    estimator: str | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    config: str | None = None,
+    weights: str = "ema",
+    progress: bool = True,
+) -> dict:
     """Estimate the eta table of ``model`` on ``data`` and save it; return the sidecar metadata."""
     loaded = load_model(model, config=config, weights=weights)
     unet = loaded.spec.unet
     images = load_data(data, channels=unet.in_channels, resolution=unet.resolution)
     schedule = schedule_from_spec(loaded.spec.schedule)
-    estimate = estimate_eta(loaded.module, schedule, images, num_samples=num_samples, estimator=estimator,
-                            batch_size=batch_size, seed=seed, progress=progress)
-    metadata = build_sidecar(estimate, schedule=schedule, data_description=describe_data(data, images),
-                             weights_sha256=loaded.weights_sha256,
-                             extra={"model": loaded.source})
+    estimate = estimate_eta(
+        loaded.module,
+        schedule,
+        images,
+        num_samples=num_samples,
+        estimator=estimator,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
+    metadata = build_sidecar(
+        estimate,
+        schedule=schedule,
+        data_description=describe_data(data, images),
+        weights_sha256=loaded.weights_sha256,
+        extra={"model": loaded.source},
+    )
     save_eta_table(out, estimate.eta, metadata)
     return metadata

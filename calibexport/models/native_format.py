@@ -20,8 +20,12 @@ def config_path_for(weights_path: Path) -> Path:
     return weights_path.with_suffix(".json")
 
 
-def save_native(weights_path: str | Path, state_dict: dict[str, torch.Tensor], spec: ModelSpec,
-                extra: dict[str, Any] | None = None) -> None:
+def save_native(
+    weights_path: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    spec: ModelSpec,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Write NAME.safetensors and NAME.json, each through a temporary file and a rename."""
     from safetensors.torch import save_file
 

@@ -60,18 +60,38 @@ class ModelSpec:
 PRESETS: dict[str, ModelSpec] = {
     # DDIM CelebA 64x64: 78,700,803 parameters in 390 tensors.
     "celeba64": ModelSpec(
-        UNetConfig(resolution=64, ch=128, ch_mult=(1, 2, 2, 2, 4), num_res_blocks=2,
-                   attn_resolutions=(16,), dropout=0.1)
+        UNetConfig(
+            resolution=64,
+            ch=128,
+            ch_mult=(1, 2, 2, 2, 4),
+            num_res_blocks=2,
+            attn_resolutions=(16,),
+            dropout=0.1,
+        )
     ),
     # DDPM CIFAR-10: 35,746,307 parameters in 328 tensors.
     "cifar10": ModelSpec(
-        UNetConfig(resolution=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                   attn_resolutions=(16,), dropout=0.1)
+        UNetConfig(
+            resolution=32,
+            ch=128,
+            ch_mult=(1, 2, 2, 2),
+            num_res_blocks=2,
+            attn_resolutions=(16,),
+            dropout=0.1,
+        )
     ),
     # The bundled demo: scikit-learn's 8x8 handwritten digits upsampled to 16x16, one channel.
     "digits": ModelSpec(
-        UNetConfig(resolution=16, in_channels=1, out_ch=1, ch=32, ch_mult=(1, 2, 2),
-                   num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
+        UNetConfig(
+            resolution=16,
+            in_channels=1,
+            out_ch=1,
+            ch=32,
+            ch_mult=(1, 2, 2),
+            num_res_blocks=1,
+            attn_resolutions=(8,),
+            dropout=0.0,
+        )
     ),
 }
 

@@ -66,7 +66,9 @@ class UNetConfig:
         return cls(**{k: v for k, v in data.items() if k in known or k == "extra"})
 
 
-def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool = False) -> torch.Tensor:
+def timestep_embedding(
+    timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool = False
+) -> torch.Tensor:
     """Sinusoidal embedding of [B] timesteps: freq_i = exp(-i ln(10000) / (dim/2 - 1)).
 
     Computed in float32 whatever the model's dtype, so that t = 937 stays exact in fp16 builds.
@@ -75,7 +77,11 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool 
     exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device)
     freqs = torch.exp(exponent * (-math.log(10000.0) / (half - 1)))
     angles = timesteps.to(torch.float32)[:, None] * freqs[None, :]
-    parts = [torch.cos(angles), torch.sin(angles)] if flip_sin_to_cos else [torch.sin(angles), torch.cos(angles)]
+    parts = (
+        [torch.cos(angles), torch.sin(angles)]
+        if flip_sin_to_cos
+        else [torch.sin(angles), torch.cos(angles)]
+    )
     return torch.cat(parts, dim=1)
 
 
@@ -110,7 +116,9 @@ class Downsample(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, temb_channels: int, dropout: float
+    ) -> None:
         super().__init__()
         self.norm1 = _group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
@@ -119,7 +127,9 @@ class ResnetBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+            self.nin_shortcut = nn.Conv2d(
+                in_channels, out_channels, kernel_size=1, stride=1, padding=0
+            )
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -172,7 +182,9 @@ class DDPMUNet(nn.Module):
         self.num_resolutions = len(ch_mult)
 
         self.temb = nn.Module()
-        self.temb.dense = nn.ModuleList([nn.Linear(ch, self.temb_ch), nn.Linear(self.temb_ch, self.temb_ch)])
+        self.temb.dense = nn.ModuleList(
+            [nn.Linear(ch, self.temb_ch), nn.Linear(self.temb_ch, self.temb_ch)]
+        )
         self.conv_in = nn.Conv2d(config.in_channels, ch, kernel_size=3, stride=1, padding=1)
 
         # Downsampling path: record the channel count of every skip connection.
@@ -212,7 +224,9 @@ class DDPMUNet(nn.Module):
             for i_block in range(config.num_res_blocks + 1):
                 if i_block == config.num_res_blocks:
                     skip_in = ch * in_ch_mult[level]
-                up.block.append(ResnetBlock(block_in + skip_in, block_out, self.temb_ch, config.dropout))
+                up.block.append(
+                    ResnetBlock(block_in + skip_in, block_out, self.temb_ch, config.dropout)
+                )
                 block_in = block_out
                 if current_res in config.attn_resolutions:
                     up.attn.append(AttnBlock(block_in))

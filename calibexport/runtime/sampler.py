@@ -20,7 +20,9 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("onnxruntime",)
 
 
-def make_eps_fn(backend: EpsBackend, schedule: VPSchedule) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+def make_eps_fn(
+    backend: EpsBackend, schedule: VPSchedule
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """Adapt a backend taking the model's timestep to the solver's eps(x, t) in solver time.
 
     A backend with an integer timestep input gets the nearest integer, with one warning, because
@@ -35,7 +37,9 @@ def make_eps_fn(backend: EpsBackend, schedule: VPSchedule) -> Callable[[np.ndarr
         if integer_input:
             rounded = np.rint(timestep)
             if not warned and np.any(rounded != timestep):
-                logger.warning("The model takes integer timesteps; rounding solver times to the nearest step.")
+                logger.warning(
+                    "The model takes integer timesteps; rounding solver times to the nearest step."
+                )
                 warned = True
             timestep = rounded
         return backend.eps(x, timestep)
@@ -52,8 +56,14 @@ class Sampler:
         self.image_shape = tuple(backend.image_shape)
 
     @classmethod
-    def from_artifact(cls, artifact_dir: str | Path, backend: str = "onnxruntime", *, verify: bool = True,
-                      **backend_options: object) -> Sampler:
+    def from_artifact(
+        cls,
+        artifact_dir: str | Path,
+        backend: str = "onnxruntime",
+        *,
+        verify: bool = True,
+        **backend_options: object,
+    ) -> Sampler:
         """Open ``model.onnx`` of a build directory with the schedule recorded in its manifest."""
         from calibexport.runtime.artifact import load_manifest, verify_artifact_files
 
@@ -67,7 +77,9 @@ class Sampler:
 
             engine = OnnxRuntimeBackend(artifact_dir / "model.onnx", **backend_options)
         else:
-            raise CalibexportError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}.")
+            raise CalibexportError(
+                f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}."
+            )
         return cls(engine, schedule)
 
     def __enter__(self) -> Sampler:
@@ -111,11 +123,27 @@ class Sampler:
             indices = np.arange(first, min(first + batch_size, num_samples))
             x_T = initial_noise(seed, indices, self.image_shape)
             batches.append(
-                solve(eps_fn, x_T, self.schedule, steps=steps, order=order, method=method, spacing=spacing,
-                      t_end=t_end, denoise_to_zero=denoise_to_zero, callback=callback)
+                solve(
+                    eps_fn,
+                    x_T,
+                    self.schedule,
+                    steps=steps,
+                    order=order,
+                    method=method,
+                    spacing=spacing,
+                    t_end=t_end,
+                    denoise_to_zero=denoise_to_zero,
+                    callback=callback,
+                )
             )
             if progress is not None:
                 progress(int(indices[-1]) + 1)
-        logger.info("Sampled %d images in %.1fs (%s, order %d, %d steps)", num_samples,
-                    time.perf_counter() - start, method, order, steps)
+        logger.info(
+            "Sampled %d images in %.1fs (%s, order %d, %d steps)",
+            num_samples,
+            time.perf_counter() - start,
+            method,
+            order,
+            steps,
+        )
         return np.concatenate(batches, axis=0).astype(np.float32, copy=False)

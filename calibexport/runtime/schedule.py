@@ -110,7 +110,9 @@ class DiscreteVPSchedule(VPSchedule):
     def __post_init__(self) -> None:
         betas = np.asarray(self.betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) < 2:
-            raise CalibexportError(f"betas must be a 1-D array with at least 2 entries, got shape {betas.shape}.")
+            raise CalibexportError(
+                f"betas must be a 1-D array with at least 2 entries, got shape {betas.shape}."
+            )
         if not np.all((betas > 0) & (betas < 1)):
             raise CalibexportError("every beta must lie in (0, 1).")
         self.betas = betas
@@ -123,7 +125,9 @@ class DiscreteVPSchedule(VPSchedule):
         self.default_t_end = 1.0 / self.num_timesteps
 
     @classmethod
-    def linear(cls, beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000) -> DiscreteVPSchedule:
+    def linear(
+        cls, beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000
+    ) -> DiscreteVPSchedule:
         spec = {
             "kind": "discrete",
             "beta_schedule": "linear",
@@ -183,7 +187,9 @@ class LinearVPSchedule(VPSchedule):
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.beta_0 < self.beta_1):
-            raise CalibexportError(f"need 0 <= beta_0 < beta_1, got beta_0={self.beta_0}, beta_1={self.beta_1}.")
+            raise CalibexportError(
+                f"need 0 <= beta_0 < beta_1, got beta_0={self.beta_0}, beta_1={self.beta_1}."
+            )
         self.default_t_end = 1e-4
 
     def log_alpha(self, t: np.ndarray) -> np.ndarray:
@@ -219,7 +225,9 @@ def schedule_from_spec(spec: dict[str, Any]) -> VPSchedule:
     kind = spec.get("kind")
     if kind == "discrete":
         if "betas" in spec:
-            return DiscreteVPSchedule(betas=np.asarray(spec["betas"], dtype=np.float64), spec=dict(spec))
+            return DiscreteVPSchedule(
+                betas=np.asarray(spec["betas"], dtype=np.float64), spec=dict(spec)
+            )
         if spec.get("beta_schedule") == "linear":
             return DiscreteVPSchedule.linear(
                 float(spec["beta_start"]), float(spec["beta_end"]), int(spec["num_timesteps"])
@@ -234,4 +242,6 @@ def schedule_from_spec(spec: dict[str, Any]) -> VPSchedule:
             timestep_scale=float(spec.get("timestep_scale", 1000.0)),
             t_shift=float(spec.get("t_shift", 1.0 / 1000.0)),
         )
-    raise CalibexportError(f"unknown schedule kind {kind!r}; valid kinds: {', '.join(SCHEDULE_KINDS)}.")
+    raise CalibexportError(
+        f"unknown schedule kind {kind!r}; valid kinds: {', '.join(SCHEDULE_KINDS)}."
+    )

@@ -36,7 +36,9 @@ class GaussianData:
         """Exact noise prediction; ``alpha`` and ``sigma`` broadcast against x (e.g. [B, 1, 1, 1])."""
         return sigma * (x - alpha * self.mean) / (alpha**2 * self.std**2 + sigma**2)
 
-    def flow(self, x_s: np.ndarray, alpha_s: float, sigma_s: float, alpha_t: float, sigma_t: float) -> np.ndarray:
+    def flow(
+        self, x_s: np.ndarray, alpha_s: float, sigma_s: float, alpha_t: float, sigma_t: float
+    ) -> np.ndarray:
         """Exact probability-flow ODE map from time s to time t."""
         scale = self.marginal_std(alpha_t, sigma_t) / self.marginal_std(alpha_s, sigma_s)
         return alpha_t * self.mean + scale * (x_s - alpha_s * self.mean)

@@ -47,7 +47,9 @@ class EpsBackend:
                     f"{self.name}: the model takes integer timesteps but got non-integer values "
                     f"{timestep[np.round(timestep) != timestep][:4].tolist()}; round them explicitly."
                 )
-        return self._eps(np.ascontiguousarray(x, dtype=np.float32), timestep.astype(self.timestep_dtype))
+        return self._eps(
+            np.ascontiguousarray(x, dtype=np.float32), timestep.astype(self.timestep_dtype)
+        )
 
     def _eps(self, x: np.ndarray, timestep: np.ndarray) -> np.ndarray:
         raise NotImplementedError

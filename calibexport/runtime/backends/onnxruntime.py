@@ -57,14 +57,18 @@ class OnnxRuntimeBackend(EpsBackend):
             options.intra_op_num_threads = intra_op_threads
         try:
             self.session = ort.InferenceSession(
-                str(model_path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
+                str(model_path),
+                sess_options=options,
+                providers=providers or ["CPUExecutionProvider"],
             )
         except Exception as error:  # onnxruntime raises several private exception types
             raise CalibexportError(f"ONNX Runtime could not load {model_path}: {error}") from error
 
         inputs = {i.name: i for i in self.session.get_inputs()}
         if x_input not in inputs:
-            raise CalibexportError(f"{model_path} has no input named {x_input!r}; inputs: {sorted(inputs)}.")
+            raise CalibexportError(
+                f"{model_path} has no input named {x_input!r}; inputs: {sorted(inputs)}."
+            )
         others = [name for name in inputs if name != x_input]
         if timestep_input is None:
             if len(others) != 1:
@@ -74,11 +78,15 @@ class OnnxRuntimeBackend(EpsBackend):
                 )
             timestep_input = others[0]
         if timestep_input not in inputs:
-            raise CalibexportError(f"{model_path} has no input named {timestep_input!r}; inputs: {sorted(inputs)}.")
+            raise CalibexportError(
+                f"{model_path} has no input named {timestep_input!r}; inputs: {sorted(inputs)}."
+            )
 
         x_shape = inputs[x_input].shape
         if len(x_shape) != 4 or not all(isinstance(d, int) for d in x_shape[1:]):
-            raise CalibexportError(f"input {x_input!r} must be [B, C, H, W] with static C, H, W; got {x_shape}.")
+            raise CalibexportError(
+                f"input {x_input!r} must be [B, C, H, W] with static C, H, W; got {x_shape}."
+            )
         self.image_shape = tuple(int(d) for d in x_shape[1:])
         t_type = inputs[timestep_input].type
         if t_type not in _ONNX_TO_NUMPY:

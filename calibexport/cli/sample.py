@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import typer
@@ -30,6 +30,11 @@ def sample(
     ),
     seed: int = typer.Option(0, help="Noise seed; sample i depends only on (seed, i)."),
     batch_size: int = typer.Option(64, help="Images per backend call."),
+    t_end: Optional[float] = typer.Option(
+        None, "--t-end",
+        help="Solver time where sampling stops, in (0, 1) (default: the schedule's, 1/N for a "
+        "discrete schedule with N steps).",
+    ),
     out: Path = typer.Option(
         Path("samples.png"), "--out", "-o",
         help="PNG grid; the raw samples go to the same name with .npz.",
@@ -41,12 +46,12 @@ def sample(
 
     with Sampler.from_artifact(artifact) as sampler:
         images = sampler.sample(num_samples, steps=steps, order=order, method=method,
-                                spacing=spacing, seed=seed, batch_size=batch_size)
+                                spacing=spacing, seed=seed, batch_size=batch_size, t_end=t_end)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_grid_png(images, out)
     npz_path = out.with_suffix(".npz")
     settings = {"artifact": str(artifact), "steps": steps, "order": order, "method": method,
-                "spacing": spacing, "seed": seed, "num_samples": num_samples}
+                "spacing": spacing, "seed": seed, "num_samples": num_samples, "t_end": t_end}
     save_samples_npz(npz_path, images, settings)
     typer.echo(f"Wrote {out} and {npz_path}")
 

@@ -113,7 +113,8 @@ class Sampler:
         """
         if num_samples < 1:
             raise CalibexportError(f"num_samples must be >= 1, got {num_samples}.")
-        batch_size = batch_size or min(num_samples, 64)
+        if batch_size is None:
+            batch_size = min(num_samples, 64)
         if batch_size < 1:
             raise CalibexportError(f"batch_size must be >= 1, got {batch_size}.")
         eps_fn = make_eps_fn(self.backend, self.schedule)

@@ -41,6 +41,12 @@ class EpsBackend:
             raise CalibexportError(
                 f"{self.name}: timestep must have shape [{x.shape[0]}] (one per sample), got {list(timestep.shape)}."
             )
+        if not np.all(np.isfinite(timestep)):
+            # The timestep embedding turns an infinite time into NaN, and NaN selects no eta row.
+            raise CalibexportError(
+                f"{self.name}: timestep contains non-finite values "
+                f"{timestep[~np.isfinite(timestep)][:4].tolist()}; pass finite model input times."
+            )
         if np.issubdtype(self.timestep_dtype, np.integer):
             if not np.all(np.round(timestep) == timestep):
                 raise CalibexportError(

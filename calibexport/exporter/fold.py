@@ -9,6 +9,7 @@ the graph computes, per sample,
 which is the rule of ``calibexport.runtime.eta_table.EtaTable.at``. An integer timestep input
 (int32 or int64) is clipped to [0, T-1] in int64 and picks its row with one exact Gather. The
 clamp is deliberate: TensorRT returns zeros, without an error, for an out-of-range Gather index.
+A NaN floating-point timestep gives a NaN output.
 
 This module needs onnx only, never torch.
 """
@@ -211,7 +212,6 @@ def _gather_interpolated(graph: onnx.GraphProto, timestep: str, t_type: int, num
         t = _node(graph, "Cast", [timestep], "t_float32", to=TensorProto.FLOAT)
 
     # t' = clip(t, 0, T-1); lo = floor(t'); w = t' - lo
-    # NOTE: a NaN timestep passes Clip as NaN and yields an undefined Gather index.
     t_min = _constant(graph, "t_min", np.array(0.0, dtype=np.float32))
     t_max = _constant(graph, "t_max", np.array(num_rows - 1, dtype=np.float32))
     clamped = _node(graph, "Clip", [t, t_min, t_max], "t_clamped")
@@ -220,7 +220,10 @@ def _gather_interpolated(graph: onnx.GraphProto, timestep: str, t_type: int, num
     weight_shape = _constant(graph, "weight_shape", np.array([-1, 1, 1, 1], dtype=np.int64))
     weight = _node(graph, "Reshape", [weight, weight_shape], "weight_bchw")
 
-    # lo and hi = min(lo + 1, T-1) as int64 row indices.
+    # lo and hi = min(lo + 1, T-1) as int64 row indices. A NaN time passes Clip as NaN, so it
+    # reads row 0 and keeps w = NaN: eta and the output become NaN instead of an invalid index.
+    is_nan = _node(graph, "IsNaN", [floor], "t_is_nan")
+    floor = _node(graph, "Where", [is_nan, t_min, floor], "t_floor_finite")
     lower = _node(graph, "Cast", [floor], "index_lower", to=TensorProto.INT64)
     one = _constant(graph, "index_one", np.array(1, dtype=np.int64))
     last = _constant(graph, "index_last", np.array(num_rows - 1, dtype=np.int64))

@@ -21,6 +21,7 @@ import logging
 import pickle
 import re
 import time
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +224,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _read_torch_file(path: Path) -> Any:
     import torch
 
+    _check_zip_checksums(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -235,6 +237,26 @@ def _read_torch_file(path: Path) -> Any:
         # A damaged file makes torch.load raise RuntimeError, EOFError, KeyError and others,
         # depending on where the damage is, so every remaining exception means a bad file.
         raise _corrupt_file_error(path, err) from err
+
+
+def _check_zip_checksums(path: Path) -> None:
+    """Raise if a member of a zip-format torch file does not match its recorded CRC-32.
+
+    torch.load does not check these checksums, so damage inside tensor data would load as wrong
+    weights. Files in torch's legacy (non-zip) format carry no checksum and are not checked.
+    """
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise _corrupt_file_error(path, err) from err
+    if damaged is not None:
+        raise CalibexportError(
+            f"checkpoint {path} is corrupted: the CRC-32 of its member {damaged!r} does not match "
+            "the data, so copy or download it again."
+        )
 
 
 def _unsafe_pickle_error(path: Path, err: Exception) -> CalibexportError:

@@ -218,6 +218,7 @@ def _load_image_folder(folder: Path, channels: int, resolution: int) -> np.ndarr
 
     mode = "L" if channels == 1 else "RGB"
     pixels = np.empty((len(images), resolution, resolution, channels), dtype=np.uint8)
+    converted_modes: dict[str, Path] = {}
     for index, path in enumerate(images):
         try:
             with Image.open(path) as image:
@@ -227,8 +228,18 @@ def _load_image_folder(folder: Path, channels: int, resolution: int) -> np.ndarr
                         f"{resolution}x{resolution}; resize the images first (no resizing is "
                         "done here)."
                     )
+                color_bands = [band for band in image.getbands() if band != "A"]
+                if image.mode != "P" and len(color_bands) != channels:
+                    converted_modes.setdefault(image.mode, path)
                 converted = np.asarray(image.convert(mode), dtype=np.uint8)
         except (UnidentifiedImageError, OSError) as error:
             raise CalibexportError(f"cannot read image {path}: {error}.") from error
         pixels[index] = converted.reshape(resolution, resolution, channels)
+    if converted_modes:
+        logger.warning(
+            "Converted images of mode %s in %s (first: %s) to %s for the %d-channel model; "
+            "convert them yourself if another channel mapping is needed.",
+            ", ".join(sorted(converted_modes)), folder,
+            ", ".join(str(p) for p in converted_modes.values()), mode, channels,
+        )
     return _scale_to_unit_range(pixels.transpose(0, 3, 1, 2), str(folder))

@@ -40,11 +40,17 @@ def atomic_directory(final_dir: str | Path, overwrite: bool) -> Iterator[Path]:
             f"output directory {final_dir} already exists; pass --overwrite to replace it or "
             "choose another --out."
         )
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
-    # mkdtemp creates mode 0700; the artifact gets the mode a plain mkdir would give it.
-    os.chmod(tmp_dir, 0o777 & ~_current_umask())
     try:
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
+    except OSError as error:
+        raise CalibexportError(
+            f"cannot create the output directory {final_dir}: {error}; choose another --out, or "
+            f"check that {final_dir.parent} is a writable directory."
+        ) from error
+    try:
+        # mkdtemp creates mode 0700; the artifact gets the mode a plain mkdir would give it.
+        os.chmod(tmp_dir, 0o777 & ~_current_umask())
         yield tmp_dir
         _install_directory(tmp_dir, final_dir, overwrite)
     except BaseException:
@@ -83,8 +89,11 @@ def _current_umask() -> int:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and os.replace."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as error:
+        raise _write_error(path, error) from error
     try:
         os.chmod(tmp_name, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as handle:
@@ -92,10 +101,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if isinstance(error, OSError):
+            raise _write_error(path, error) from error
         raise
+
+
+def _write_error(path: Path, error: OSError) -> CalibexportError:
+    return CalibexportError(
+        f"failed to write {path}: {error}; choose another output path, or check that "
+        f"{path.parent} is a writable directory with free space."
+    )
 
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:

@@ -47,7 +47,6 @@ def sample(
     with Sampler.from_artifact(artifact) as sampler:
         images = sampler.sample(num_samples, steps=steps, order=order, method=method,
                                 spacing=spacing, seed=seed, batch_size=batch_size, t_end=t_end)
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_grid_png(images, out)
     npz_path = out.with_suffix(".npz")
     settings = {"artifact": str(artifact), "steps": steps, "order": order, "method": method,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from calibexport.calibration_tables.estimate import table_coefficients
 from calibexport.errors import CalibexportError
 from calibexport.exporter.atomic import atomic_directory
 from calibexport.exporter.fold import fold_eta, save_onnx
@@ -18,6 +19,7 @@ from calibexport.exporter.onnx_export import export_onnx
 from calibexport.exporter.tensorrt_engine import tensorrt_unavailable_reason
 from calibexport.models.loaders import LoadedModel, load_model
 from calibexport.runtime.eta_table import EtaTable, check_compatible, load_eta_table
+from calibexport.runtime.schedule import schedule_from_spec
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,9 @@ class BuildResult:
 def check_eta_matches_model(table: EtaTable, loaded: LoadedModel, allow_mismatch: bool) -> None:
     """Reject a table estimated for other weights unless ``allow_mismatch`` is set."""
     unet = loaded.spec.unet
-    num_timesteps = int(loaded.spec.schedule.get("num_timesteps", table.values.shape[0]))
+    # One row per model input time of the schedule, which a 'betas' or continuous spec does not
+    # state as num_timesteps.
+    num_timesteps = len(table_coefficients(schedule_from_spec(loaded.spec.schedule))[0])
     check_compatible(table, (unet.in_channels, unet.resolution, unet.resolution), num_timesteps)
     if table.metadata is None:
         logger.info("%s has no eta.json sidecar: schedule and weights digest are taken from the model.", table.path)

@@ -17,44 +17,91 @@ LINEAR_DISCRETE_1000 = {
 }
 
 
+#: ``ddpm_unet`` is calibexport's own UNet. The others describe networks built elsewhere: a
+#: diffusers ``UNet2DModel`` directory, a TorchScript archive, or a ``module:function`` factory.
+ARCHITECTURES = ("ddpm_unet", "diffusers_unet2d", "torchscript", "factory")
+
+
 @dataclass
 class ModelSpec:
-    """Everything needed to rebuild a network and interpret its output."""
+    """Everything needed to rebuild a network and interpret its output.
 
-    unet: UNetConfig
+    ``unet`` describes a ``ddpm_unet``; other architectures leave it None and give their
+    ``shape`` (C, H, W) instead. ``options`` contains architecture-specific settings, such as the
+    ``factory`` reference and its ``factory_kwargs``.
+    """
+
+    unet: UNetConfig | None
     schedule: dict[str, Any] = field(default_factory=lambda: dict(LINEAR_DISCRETE_1000))
     prediction_type: str = "eps"
     architecture: str = "ddpm_unet"
+    shape: tuple[int, int, int] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the network's input and output images."""
+        if self.unet is not None:
+            return (self.unet.in_channels, self.unet.resolution, self.unet.resolution)
+        assert self.shape is not None, "a ModelSpec without a UNet config needs a shape"
+        return self.shape
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "architecture": self.architecture,
             "prediction_type": self.prediction_type,
             "schedule": dict(self.schedule),
-            "unet": self.unet.to_dict(),
         }
+        if self.unet is not None:
+            data["unet"] = self.unet.to_dict()
+        else:
+            data["image_shape"] = list(self.image_shape)
+        if self.options:
+            data["options"] = dict(self.options)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        if "unet" not in data:
+        from calibexport.runtime.prediction import check_prediction_type
+
+        architecture = data.get("architecture", "ddpm_unet")
+        if architecture not in ARCHITECTURES:
+            raise CalibexportError(
+                f"unknown architecture {architecture!r}; valid: {', '.join(ARCHITECTURES)}."
+            )
+        if architecture == "ddpm_unet" and "unet" not in data:
             raise CalibexportError(
                 f"model config has no 'unet' section (keys seen: {sorted(data)}); "
                 "write it as calibexport's JSON config or pass a preset name."
             )
-        architecture = data.get("architecture", "ddpm_unet")
-        if architecture != "ddpm_unet":
-            raise CalibexportError(f"unknown architecture {architecture!r}; valid: 'ddpm_unet'.")
-        prediction_type = data.get("prediction_type", "eps")
-        if prediction_type != "eps":
+        if architecture != "ddpm_unet" and "image_shape" not in data:
             raise CalibexportError(
-                f"prediction_type {prediction_type!r} is not supported yet; only 'eps' networks are."
+                f"a model config of architecture {architecture!r} needs 'image_shape': [C, H, W] "
+                f"(keys seen: {sorted(data)})."
             )
+        prediction_type = check_prediction_type(data.get("prediction_type", "eps"))
         return cls(
-            unet=UNetConfig.from_dict(data["unet"]),
+            unet=UNetConfig.from_dict(data["unet"]) if architecture == "ddpm_unet" else None,
             schedule=dict(data.get("schedule", LINEAR_DISCRETE_1000)),
             prediction_type=prediction_type,
             architecture=architecture,
+            shape=None if architecture == "ddpm_unet" else _check_shape(data["image_shape"]),
+            options=dict(data.get("options", {})),
         )
+
+
+def _check_shape(shape: Any) -> tuple[int, int, int]:
+    try:
+        dims = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+        raise CalibexportError(f"image_shape must be [C, H, W] with positive sizes, got {shape!r}.")
+    if dims[1] != dims[2]:
+        raise CalibexportError(
+            f"image_shape {list(dims)} is not square; calibexport handles H == W images only."
+        )
+    return dims  # type: ignore[return-value]
 
 
 PRESETS: dict[str, ModelSpec] = {

@@ -89,8 +89,15 @@ def test_spec_unknown_architecture():
         ModelSpec.from_dict(data)
 
 
-def test_spec_unsupported_prediction_type():
-    data = {**get_preset("digits").to_dict(), "prediction_type": "v"}
+def test_spec_unknown_prediction_type():
+    data = {**get_preset("digits").to_dict(), "prediction_type": "score"}
 
-    with pytest.raises(CalibexportError, match="prediction_type 'v' is not supported"):
+    with pytest.raises(CalibexportError, match="invalid prediction type 'score'; valid types: eps"):
         ModelSpec.from_dict(data)
+
+
+@pytest.mark.parametrize("prediction_type", ["x0", "v"])
+def test_spec_accepts_x0_and_v(prediction_type):
+    data = {**get_preset("digits").to_dict(), "prediction_type": prediction_type}
+
+    assert ModelSpec.from_dict(data).prediction_type == prediction_type

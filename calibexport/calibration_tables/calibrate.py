@@ -8,6 +8,7 @@ from pathlib import Path
 from calibexport.calibration_tables.data import describe_data, load_data
 from calibexport.calibration_tables.estimate import estimate_eta
 from calibexport.calibration_tables.table_io import build_sidecar, save_eta_table
+from calibexport.models.eps_adapter import as_eps_network
 from calibexport.models.loaders import load_model
 from calibexport.runtime.schedule import schedule_from_spec
 
@@ -29,11 +30,13 @@ def calibrate_to_file(
 ) -> dict:
     """Estimate the eta table of ``model`` on ``data`` and save it; return the sidecar metadata."""
     loaded = load_model(model, config=config, weights=weights)
-    unet = loaded.spec.unet
-    images = load_data(data, channels=unet.in_channels, resolution=unet.resolution)
+    channels, resolution, _ = loaded.spec.image_shape
+    images = load_data(data, channels=channels, resolution=resolution)
     schedule = schedule_from_spec(loaded.spec.schedule)
+    # eta is estimated in eps units whatever the network predicts.
+    network = as_eps_network(loaded.module, loaded.spec.prediction_type, schedule)
     estimate = estimate_eta(
-        loaded.module,
+        network,
         schedule,
         images,
         num_samples=num_samples,

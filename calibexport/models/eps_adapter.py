@@ -18,8 +18,8 @@ class EpsAdapter(torch.nn.Module):
     alpha and sigma at each sample's model input time come from
     ``calibexport.runtime.prediction.alpha_sigma_at_timesteps``, the schedule's own values at
     integer steps and its log_alpha interpolation between them. The conversion runs in float64
-    and returns the network's dtype. This module is for evaluation in eager torch, not for ONNX export, because
-    the schedule lookup runs in numpy.
+    and returns the network's dtype. The adapter is for evaluation in eager torch, not for ONNX
+    export, because the schedule lookup runs in numpy.
     """
 
     def __init__(self, network: torch.nn.Module, prediction_type: str,

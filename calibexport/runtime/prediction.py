@@ -94,7 +94,8 @@ def from_eps(prediction_type: str, eps: Array, x: Any, alpha: Any, sigma: Any) -
     raise AssertionError(f"unhandled prediction type {prediction_type!r}")
 
 
-def calibrate_output(prediction_type: str, output: Array, eta: Any, alpha: Any, sigma: Any) -> Array:
+def calibrate_output(prediction_type: str, output: Array, eta: Any, alpha: Any,
+                     sigma: Any) -> Array:
     """Apply the eps-unit offset ``eta`` to ``output`` in the network's own units.
 
     The result's implied eps is ``to_eps(output) - eta`` (see the module docstring).

@@ -12,6 +12,7 @@ import numpy as np
 from calibexport.errors import CalibexportError
 from calibexport.runtime.backends.base import EpsBackend
 from calibexport.runtime.noise import initial_noise
+from calibexport.runtime.prediction import check_prediction_type, to_eps
 from calibexport.runtime.schedule import VPSchedule, schedule_from_spec
 from calibexport.runtime.solvers import StepInfo, solve
 
@@ -21,14 +22,19 @@ BACKENDS = ("onnxruntime",)
 
 
 def make_eps_fn(
-    backend: EpsBackend, schedule: VPSchedule
+    backend: EpsBackend, schedule: VPSchedule, prediction_type: str | None = None
 ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """Adapt a backend taking the model's timestep to the solver's eps(x, t) in solver time.
 
     A backend with an integer timestep input gets the nearest integer, with one warning, because
-    truncating would shift every step by up to one timestep.
+    truncating would shift every step by up to one timestep. An x0 or v output is converted to
+    eps with alpha_t and sigma_t at the solver time. ``prediction_type`` None takes the backend's
+    ``prediction_type`` attribute, or eps when it has none.
     """
     integer_input = np.issubdtype(backend.timestep_dtype, np.integer)
+    if prediction_type is None:
+        prediction_type = getattr(backend, "prediction_type", "eps")
+    prediction_type = check_prediction_type(prediction_type)
     warned = False
 
     def eps_fn(x: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -42,7 +48,13 @@ def make_eps_fn(
                 )
                 warned = True
             timestep = rounded
-        return backend.eps(x, timestep)
+        output = backend.eps(x, timestep)
+        if prediction_type == "eps":
+            return output
+        t = np.asarray(t, dtype=np.float64).reshape(-1, 1, 1, 1)
+        eps = to_eps(prediction_type, output.astype(np.float64), x, schedule.alpha(t),
+                     schedule.sigma(t))
+        return eps.astype(output.dtype)
 
     return eps_fn
 
@@ -50,9 +62,11 @@ def make_eps_fn(
 class Sampler:
     """DPM-Solver and DDIM sampling around a backend that evaluates the calibrated eps(x, t)."""
 
-    def __init__(self, backend: EpsBackend, schedule: VPSchedule) -> None:
+    def __init__(self, backend: EpsBackend, schedule: VPSchedule,
+                 prediction_type: str = "eps") -> None:
         self.backend = backend
         self.schedule = schedule
+        self.prediction_type = check_prediction_type(prediction_type)
         self.image_shape = tuple(backend.image_shape)
 
     @classmethod
@@ -80,7 +94,7 @@ class Sampler:
             raise CalibexportError(
                 f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}."
             )
-        return cls(engine, schedule)
+        return cls(engine, schedule, manifest.prediction_type)
 
     def __enter__(self) -> Sampler:
         return self
@@ -117,7 +131,7 @@ class Sampler:
             batch_size = min(num_samples, 64)
         if batch_size < 1:
             raise CalibexportError(f"batch_size must be >= 1, got {batch_size}.")
-        eps_fn = make_eps_fn(self.backend, self.schedule)
+        eps_fn = make_eps_fn(self.backend, self.schedule, self.prediction_type)
         start = time.perf_counter()
         batches = []
         for first in range(0, num_samples, batch_size):

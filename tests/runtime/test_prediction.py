@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from calibexport.errors import CalibexportError
+from calibexport.runtime.backends.base import EpsBackend
 from calibexport.runtime.prediction import (
     alpha_sigma_at_timesteps,
     calibrate_output,
@@ -14,6 +15,7 @@ from calibexport.runtime.prediction import (
     table_log_alpha,
     to_eps,
 )
+from calibexport.runtime.sampler import make_eps_fn
 from calibexport.runtime.schedule import DiscreteVPSchedule, LinearVPSchedule
 
 SHAPE = (3, 2, 4, 4)
@@ -90,3 +92,42 @@ def test_table_log_alpha_rows():
 def test_invalid_prediction_type():
     with pytest.raises(CalibexportError, match="invalid prediction type 'epsilon'; valid types"):
         check_prediction_type("epsilon")
+
+
+class ReparameterizedBackend(EpsBackend):
+    """A numpy network eps = 0.3 x + timestep / 1000 that reports it in ``prediction_type``."""
+
+    name = "numpy"
+
+    def __init__(self, schedule, prediction_type: str) -> None:
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.image_shape = SHAPE[1:]
+
+    def _eps(self, x: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+        eps = 0.3 * x + timestep.reshape(-1, 1, 1, 1) / 1000.0
+        alpha, sigma = alpha_sigma_at_timesteps(self.schedule, timestep)
+        shape = (-1, 1, 1, 1)
+        output = from_eps(self.prediction_type, eps, x, alpha.reshape(shape), sigma.reshape(shape))
+        return output.astype(np.float32)
+
+
+@pytest.mark.parametrize("prediction_type", ["x0", "v"])
+def test_make_eps_fn_converts_to_eps(prediction_type):
+    schedule = DiscreteVPSchedule.linear()
+    backend = ReparameterizedBackend(schedule, prediction_type)
+    x = np.random.default_rng(3).normal(size=SHAPE).astype(np.float32)
+    t = np.array([1.0, 0.5, 0.0123])
+    eps = make_eps_fn(backend, schedule)(x, t)
+    expected = 0.3 * x + schedule.t_to_timestep(t).reshape(-1, 1, 1, 1) / 1000.0
+    assert eps.dtype == np.float32
+    np.testing.assert_allclose(eps, expected, atol=1e-4)
+
+
+def test_make_eps_fn_explicit_type_overrides_backend():
+    schedule = DiscreteVPSchedule.linear()
+    backend = ReparameterizedBackend(schedule, "x0")
+    x = np.random.default_rng(4).normal(size=SHAPE).astype(np.float32)
+    t = np.array([1.0, 0.5, 0.25])
+    raw = make_eps_fn(backend, schedule, "eps")(x, t)
+    np.testing.assert_array_equal(raw, backend.eps(x, schedule.t_to_timestep(t)))

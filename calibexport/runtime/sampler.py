@@ -18,7 +18,7 @@ from calibexport.runtime.solvers import StepInfo, solve
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt")
 
 
 def make_eps_fn(
@@ -78,7 +78,11 @@ class Sampler:
         verify: bool = True,
         **backend_options: object,
     ) -> Sampler:
-        """Open ``model.onnx`` of a build directory with the schedule recorded in its manifest."""
+        """Open a build directory's model with the schedule recorded in its manifest.
+
+        ``backend`` is ``onnxruntime`` (CPU), ``onnxruntime-cuda`` or ``tensorrt`` (``model.plan``,
+        checked against ``engine.json``); ``backend_options`` go to the backend's constructor.
+        """
         from calibexport.runtime.artifact import load_manifest, verify_artifact_files
 
         artifact_dir = Path(artifact_dir)
@@ -90,6 +94,14 @@ class Sampler:
             from calibexport.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
             engine = OnnxRuntimeBackend(artifact_dir / "model.onnx", **backend_options)
+        elif backend == "onnxruntime-cuda":
+            from calibexport.runtime.backends.onnxruntime_cuda import OnnxRuntimeCudaBackend
+
+            engine = OnnxRuntimeCudaBackend(artifact_dir / "model.onnx", **backend_options)
+        elif backend == "tensorrt":
+            from calibexport.runtime.backends.tensorrt import TensorRTBackend
+
+            engine = TensorRTBackend.from_artifact(artifact_dir, **backend_options)
         else:
             raise CalibexportError(
                 f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}."

@@ -584,3 +584,58 @@ def test_sampler_ort_cuda_matches_cpu(tiny_artifact):
     with Sampler.from_artifact(tiny_artifact) as sampler:
         reference = sampler.sample(4, steps=6, order=2, method="multistep", seed=0)
     np.testing.assert_allclose(images, reference, atol=5e-3, rtol=5e-3)
+
+
+# --- Sampler.from_artifact -----------------------------------------------------------------
+
+
+@pytest.mark.skipif(TENSORRT_MISSING is None, reason="TensorRT and a GPU are present here")
+def test_sampler_tensorrt_without_engine_explains(tiny_artifact):
+    from calibexport.runtime.sampler import Sampler
+
+    with pytest.raises(CalibexportError, match=r"engine.json not found: .* has no TensorRT "
+                       r"engine. Build one on a GPU host"):
+        Sampler.from_artifact(tiny_artifact, backend="tensorrt")
+
+
+@pytest.mark.skipif(ORT_CUDA_MISSING is None, reason="ONNX Runtime with CUDA is present here")
+def test_sampler_ort_cuda_without_provider_explains(tiny_artifact):
+    from calibexport.runtime.sampler import Sampler
+
+    with pytest.raises(CalibexportError, match="the onnxruntime-cuda backend cannot run: "):
+        Sampler.from_artifact(tiny_artifact, backend="onnxruntime-cuda")
+
+
+def test_sampler_lists_gpu_backends(tiny_artifact):
+    from calibexport.runtime.sampler import Sampler
+
+    with pytest.raises(CalibexportError, match="valid backends: onnxruntime, onnxruntime-cuda, "
+                       "tensorrt"):
+        Sampler.from_artifact(tiny_artifact, backend="cuda")
+
+
+def test_sampler_tensorrt_with_fake_engine(fake_gpu, tiny_artifact, tmp_path):
+    """The sampler drives the TensorRT backend through a whole run (numpy stand-in engine)."""
+    import shutil
+
+    from calibexport.runtime.artifact import load_manifest
+    from calibexport.runtime.sampler import Sampler
+
+    artifact = tmp_path / "artifact"
+    shutil.copytree(tiny_artifact, artifact)
+    manifest = load_manifest(artifact)
+    engine_dir = write_fake_engine(tmp_path / "engine", timestep_dtype="float32",
+                                   onnx_sha256=manifest.files["model.onnx"],
+                                   eta_sha256=manifest.raw["eta"]["values_sha256"])
+    for name in (ENGINE_FILENAME, ENGINE_METADATA_FILENAME):
+        shutil.copy(engine_dir / name, artifact / name)
+    document = json.loads((artifact / ENGINE_METADATA_FILENAME).read_text())
+    document["io"]["x"]["shape"] = [-1, *manifest.image_shape]
+    document["io"]["eps"]["shape"] = [-1, *manifest.image_shape]
+    (artifact / ENGINE_METADATA_FILENAME).write_text(json.dumps(document))
+
+    with Sampler.from_artifact(artifact, backend="tensorrt", cuda_graph_batch=2) as sampler:
+        images = sampler.sample(3, steps=4, order=1, method="multistep", seed=0, batch_size=2)
+    assert images.shape == (3, *manifest.image_shape)
+    assert np.all(np.isfinite(images))
+    assert fake_gpu.launches > 0

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
+from calibexport.calibration_tables import distributed
 from calibexport.calibration_tables.data import describe_data, load_data
 from calibexport.calibration_tables.estimate import estimate_eta
 from calibexport.calibration_tables.table_io import build_sidecar, save_eta_table
+from calibexport.errors import CalibexportError
 from calibexport.models.eps_adapter import as_eps_network
 from calibexport.models.loaders import load_model
 from calibexport.runtime.schedule import schedule_from_spec
@@ -27,15 +30,32 @@ def calibrate_to_file(
     config: str | None = None,
     weights: str = "ema",
     progress: bool = True,
+    shard: str | None = None,
 ) -> dict:
-    """Estimate the eta table of ``model`` on ``data`` and save it; return the sidecar metadata."""
+    """Estimate the eta table of ``model`` on ``data`` and save it; return the sidecar metadata.
+
+    ``shard`` ``I/N`` evaluates one shard and writes its partial sums instead (see
+    ``calibexport.calibration_tables.distributed``); under ``torchrun`` the ranks share the work
+    and rank 0 writes the table.
+    """
     loaded = load_model(model, config=config, weights=weights)
     channels, resolution, _ = loaded.spec.image_shape
     images = load_data(data, channels=channels, resolution=resolution)
     schedule = schedule_from_spec(loaded.spec.schedule)
     # eta is estimated in eps units whatever the network predicts.
     network = as_eps_network(loaded.module, loaded.spec.prediction_type, schedule)
-    estimate = estimate_eta(
+    env = distributed.torchrun_env()
+    if shard is not None:
+        if env is not None:
+            raise CalibexportError("--shard cannot run under torchrun, which already splits the "
+                                   "work; drop --shard or start a single process.")
+        return distributed.calibrate_shard_to_file(
+            loaded, network, images, schedule, describe_data(data, images), out=out,
+            shard=distributed.Shard.parse(shard), num_samples=num_samples, estimator=estimator,
+            batch_size=batch_size, seed=seed, progress=progress)
+    estimate_function = estimate_eta if env is None else partial(
+        distributed.estimate_eta_torchrun, env=env)
+    estimate = estimate_function(
         network,
         schedule,
         images,
@@ -52,5 +72,6 @@ def calibrate_to_file(
         weights_sha256=loaded.weights_sha256,
         extra={"model": loaded.source},
     )
-    save_eta_table(out, estimate.eta, metadata)
+    if env is None or env.rank == 0:
+        save_eta_table(out, estimate.eta, metadata)
     return metadata

@@ -30,10 +30,15 @@ def calibrate(
     seed: int = typer.Option(0, help="Random seed for data draws and noise."),
     config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
     weights: str = typer.Option("ema", "--weights", help=WEIGHTS_HELP),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", help="Evaluate shard I of N (I/N, 1-based) and write its partial sums "
+        "(OUT.shard-I-of-N.npz beside an OUT.npy, or OUT itself if it ends in .npz); combine "
+        "all shards with `calibexport merge`."
+    ),
 ) -> None:
     """Estimate eta[t] = E[eps_theta(x_t, t)] for every model timestep, with standard errors."""
     from calibexport.calibration_tables.calibrate import calibrate_to_file
 
     calibrate_to_file(model=model, data=data, out=out, num_samples=num_samples,
                       estimator=estimator, batch_size=batch_size, seed=seed, config=config,
-                      weights=weights)
+                      weights=weights, shard=shard)

@@ -16,7 +16,7 @@ from calibexport.exporter.atomic import atomic_directory
 from calibexport.exporter.fold import fold_eta, save_onnx
 from calibexport.exporter.manifest import MANIFEST_VERSION, build_manifest, write_manifest
 from calibexport.exporter.onnx_export import export_onnx
-from calibexport.exporter.tensorrt_engine import tensorrt_unavailable_reason
+from calibexport.exporter.tensorrt_engine import build_engine_step
 from calibexport.models.loaders import LoadedModel, load_model
 from calibexport.runtime.eta_table import EtaTable, check_compatible, load_eta_table
 from calibexport.runtime.schedule import schedule_from_spec
@@ -37,6 +37,12 @@ class BuildOptions:
     validate: bool = True
     allow_mismatch: bool = False
     tolerance_preset: str = "fp32-cpu"
+    #: TensorRT engine batch sizes MIN,OPT,MAX (default 1,8,64); used where an engine is built.
+    batch_sizes: str | None = None
+    #: Build model.plan when TensorRT 10+ and an NVIDIA GPU are present.
+    engine: bool = True
+    #: An engine cache directory, reused by builds with the same engine key.
+    engine_cache: Path | None = None
 
 
 @dataclass
@@ -112,9 +118,8 @@ def build_artifact(options: BuildOptions) -> BuildResult:
         )
         write_manifest(tmp, manifest)
 
-        reason = tensorrt_unavailable_reason()
-        if reason:
-            logger.info("TensorRT engine skipped: %s. The ONNX artifact is complete.", reason)
+        build_engine_step(tmp, enabled=options.engine, batch_sizes=options.batch_sizes,
+                          cache_dir=options.engine_cache)
 
         report = None
         passed = None

@@ -141,7 +141,8 @@ def test_allow_mismatch_builds_with_warning(tmp_path, other_model, tiny_eta, cap
 
 @pytest.mark.parametrize("keep", [0, 5, 60, 128, 2000, -1])
 def test_truncated_npy_rejected(tmp_path, keep):
-    full = save_bare_table(tmp_path / "full.npy", np.ones((NUM_TIMESTEPS, *IMAGE_SHAPE), np.float32))
+    ones = np.ones((NUM_TIMESTEPS, *IMAGE_SHAPE), np.float32)
+    full = save_bare_table(tmp_path / "full.npy", ones)
     size = full.stat().st_size
     cut = cut_file(full, tmp_path / "eta.npy", keep % size if keep >= 0 else size - 1)
     with pytest.raises(CalibexportError, match=r"cannot read eta table .*eta\.npy: the file is "
@@ -150,7 +151,8 @@ def test_truncated_npy_rejected(tmp_path, keep):
 
 
 def test_npy_with_damaged_header_rejected(tmp_path):
-    full = save_bare_table(tmp_path / "full.npy", np.ones((NUM_TIMESTEPS, *IMAGE_SHAPE), np.float32))
+    ones = np.ones((NUM_TIMESTEPS, *IMAGE_SHAPE), np.float32)
+    full = save_bare_table(tmp_path / "full.npy", ones)
     data = bytearray(full.read_bytes())
     data[20:40] = b"\xff" * 20
     damaged = tmp_path / "eta.npy"

@@ -83,6 +83,6 @@ def user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
 
 def main() -> None:
     # Importing the command modules registers their commands on ``app``.
-    from calibexport.cli import build, calibrate, sample, validate  # noqa: F401
+    from calibexport.cli import build, calibrate, compress, merge, sample, validate  # noqa: F401
 
     app()

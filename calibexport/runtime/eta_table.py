@@ -7,13 +7,25 @@ the table is read by linear interpolation, and times outside ``[0, T-1]`` are cl
     eta(t) = eta[lo] + w * (eta[hi] - eta[lo])
 
 ``EtaTable.at`` is the numpy reference for this rule. The eta fold in the exported ONNX graph
-computes the same thing, so the two must agree. This module imports numpy only.
+computes the same thing, so the two must agree.
+
+Two compressed forms are stored as ``.npz`` files (with the same ``.json`` sidecar rule):
+
+* ``KnotEta`` keeps the rows at K integer knot times ``0 = k_0 < ... < k_{K-1} = T-1`` and
+  interpolates linearly between neighbouring knots. With ``j = min(#{i >= 1: k_i <= t'}, K-2)``
+  and ``w = (t' - k_j) / (k_{j+1} - k_j)``, ``eta(t) = v_j + w * (v_{j+1} - v_j)``.
+* ``LowRankEta`` stores ``eta[k] = sum_r U[k, r] V[r]``. The row of ``U`` at a non-integer time
+  is interpolated with the rule above before the product with ``V``.
+
+This module imports numpy only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +42,8 @@ SIDECAR_FORMAT = "calibexport.eta_table"
 #: Sidecar layout version written by this release; the reader accepts this version and older.
 FORMAT_VERSION = 1
 TABLE_FILENAME = "eta.npy"
+#: File name of a compressed table inside an artifact or a folder.
+COMPRESSED_FILENAME = "eta.npz"
 
 
 def resolve_table_path(path: str | Path) -> Path:
@@ -50,11 +64,17 @@ def sidecar_path_for(table_path: str | Path) -> Path:
 
 @dataclass
 class EtaTable:
-    """Calibration offsets eta for every model input time, with the sidecar metadata."""
+    """Calibration offsets eta for every model input time, with the sidecar metadata.
+
+    ``values`` is the dense float32 table [T, C, H, W]. For a table read from a compressed file,
+    ``compressed`` is its ``KnotEta`` or ``LowRankEta`` form, ``values`` holds that form's rows at
+    the integer times, and ``at`` and ``sha256`` use the compressed form.
+    """
 
     values: np.ndarray
     metadata: dict[str, Any] | None = None
     path: Path | None = None
+    compressed: KnotEta | LowRankEta | None = None
 
     @property
     def num_timesteps(self) -> int:
@@ -67,7 +87,9 @@ class EtaTable:
 
     @property
     def sha256(self) -> str:
-        """Digest of the float32 values (``calibexport.hashing.sha256_array``)."""
+        """Digest of the float32 values, or of the compressed arrays for a compressed table."""
+        if self.compressed is not None:
+            return self.compressed.sha256
         return sha256_array(self.values)
 
     def at(self, timestep: np.ndarray) -> np.ndarray:
@@ -75,27 +97,200 @@ class EtaTable:
 
         Times are clamped to [0, T-1] and interpolated linearly between rows floor(t) and
         floor(t) + 1, so an integer time returns its row exactly. The weight ``w`` is computed
-        in float64 and the blend in float32.
+        in float64 and the blend in float32. A compressed table applies its own rule (see the
+        module docstring).
         """
-        timestep = np.asarray(timestep, dtype=np.float64)
-        if timestep.ndim != 1:
-            raise CalibexportError(
-                f"timestep must be a 1-D array [B], got shape {list(timestep.shape)}; "
-                "pass one model input time per sample."
-            )
-        if not np.all(np.isfinite(timestep)):
-            bad = timestep[~np.isfinite(timestep)][:4].tolist()
-            raise CalibexportError(f"timestep contains non-finite values {bad}; pass finite times.")
-
-        # Clamp, then pick the two neighbouring rows and the weight of the upper one.
-        last = self.num_timesteps - 1
-        clamped = np.clip(timestep, 0.0, float(last))
-        lower = np.floor(clamped).astype(np.int64)
-        upper = np.minimum(lower + 1, last)
-        weight = (clamped - lower).astype(np.float32)[:, None, None, None]
-
+        if self.compressed is not None:
+            return self.compressed.at(timestep)
+        lower, upper, weight = neighbour_rows(timestep, self.num_timesteps)
         low_rows = self.values[lower]
-        return low_rows + weight * (self.values[upper] - low_rows)
+        return low_rows + weight[:, None, None, None] * (self.values[upper] - low_rows)
+
+
+def neighbour_rows(timestep: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (lo, hi, w) of the interpolation rule for model input times ``timestep`` [B].
+
+    ``lo = floor(t')`` and ``hi = min(lo + 1, T-1)`` are int64 and ``w = t' - lo`` is float32,
+    with ``t' = clip(t, 0, T-1)`` computed in float64. Raises unless ``timestep`` is a finite 1-D
+    array.
+    """
+    clamped = clamped_times(timestep, num_rows)
+    lower = np.floor(clamped).astype(np.int64)
+    upper = np.minimum(lower + 1, num_rows - 1)
+    return lower, upper, (clamped - lower).astype(np.float32)
+
+
+def clamped_times(timestep: np.ndarray, num_rows: int) -> np.ndarray:
+    """Check that ``timestep`` is a finite 1-D array and clip it to [0, T-1] in float64."""
+    timestep = np.asarray(timestep, dtype=np.float64)
+    if timestep.ndim != 1:
+        raise CalibexportError(
+            f"timestep must be a 1-D array [B], got shape {list(timestep.shape)}; "
+            "pass one model input time per sample."
+        )
+    if not np.all(np.isfinite(timestep)):
+        bad = timestep[~np.isfinite(timestep)][:4].tolist()
+        raise CalibexportError(f"timestep contains non-finite values {bad}; pass finite times.")
+    return np.clip(timestep, 0.0, float(num_rows - 1))
+
+
+@dataclass(frozen=True)
+class KnotEta:
+    """eta stored at integer knot times and interpolated linearly between neighbouring knots.
+
+    ``knots`` is int64 [K], strictly increasing from 0 to T-1 with K >= 2; ``rows`` is float32
+    [K, C, H, W], the table rows at those times.
+    """
+
+    knots: np.ndarray
+    rows: np.ndarray
+    kind: str = "knots"
+
+    def __post_init__(self) -> None:
+        _check_knots(self.knots, self.rows)
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.knots[-1]) + 1
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(dim) for dim in self.rows.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def sha256(self) -> str:
+        return compressed_sha256(self.kind, self.arrays())
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.knots.nbytes + self.rows.nbytes)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays stored in the ``.npz`` file, by name."""
+        return {"knots": self.knots, "rows": self.rows}
+
+    def at(self, timestep: np.ndarray) -> np.ndarray:
+        """Return eta at model input times [B] as float32 [B, C, H, W] (see the module rule)."""
+        clamped = clamped_times(timestep, self.num_timesteps)
+
+        # j = number of knots after the first at or below t', capped so that j + 1 is a knot.
+        segment = np.searchsorted(self.knots[1:], clamped, side="right")
+        segment = np.minimum(segment, len(self.knots) - 2)
+        start = self.knots[segment].astype(np.float64)
+        end = self.knots[segment + 1].astype(np.float64)
+        weight = ((clamped - start) / (end - start)).astype(np.float32)[:, None, None, None]
+
+        low_rows = self.rows[segment]
+        return low_rows + weight * (self.rows[segment + 1] - low_rows)
+
+    def dense(self) -> np.ndarray:
+        """Return the rows at every integer time 0..T-1 as float32 [T, C, H, W]."""
+        return self.at(np.arange(self.num_timesteps, dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class LowRankEta:
+    """eta of rank R in time: ``eta[k] = time_factors[k] @ pixel_factors``.
+
+    ``time_factors`` is float32 [T, R] (the left singular vectors times the singular values) and
+    ``pixel_factors`` is float32 [R, C, H, W].
+    """
+
+    time_factors: np.ndarray
+    pixel_factors: np.ndarray
+    kind: str = "lowrank"
+
+    def __post_init__(self) -> None:
+        _check_low_rank(self.time_factors, self.pixel_factors)
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.time_factors.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return int(self.time_factors.shape[1])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(dim) for dim in self.pixel_factors.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def sha256(self) -> str:
+        return compressed_sha256(self.kind, self.arrays())
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.time_factors.nbytes + self.pixel_factors.nbytes)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays stored in the ``.npz`` file, by name."""
+        return {"time_factors": self.time_factors, "pixel_factors": self.pixel_factors}
+
+    def at(self, timestep: np.ndarray) -> np.ndarray:
+        """Return eta at model input times [B] as float32 [B, C, H, W].
+
+        The rows lo and hi of ``time_factors`` are blended in float32 with the dense table's rule,
+        then multiplied by ``pixel_factors`` in float32.
+        """
+        lower, upper, weight = neighbour_rows(timestep, self.num_timesteps)
+        low = self.time_factors[lower]
+        coefficients = low + weight[:, None] * (self.time_factors[upper] - low)
+        flat = self.pixel_factors.reshape(self.rank, -1)
+        return (coefficients @ flat).reshape(len(lower), *self.image_shape)
+
+    def dense(self) -> np.ndarray:
+        """Return the rows at every integer time 0..T-1 as float32 [T, C, H, W]."""
+        flat = self.pixel_factors.reshape(self.rank, -1)
+        return (self.time_factors @ flat).reshape(self.num_timesteps, *self.image_shape)
+
+
+#: Compressed forms by the ``kind`` stored in their ``.npz`` file.
+COMPRESSED_KINDS = {"knots": KnotEta, "lowrank": LowRankEta}
+
+
+def compressed_sha256(kind: str, arrays: dict[str, np.ndarray]) -> str:
+    """Digest of a compressed form: its kind and each array's ``sha256_array`` in name order."""
+    digest = hashlib.sha256(kind.encode())
+    for name in sorted(arrays):
+        digest.update(f"{name}:{sha256_array(arrays[name])}".encode())
+    return digest.hexdigest()
+
+
+def _check_knots(knots: np.ndarray, rows: np.ndarray) -> None:
+    if not (isinstance(knots, np.ndarray) and knots.dtype == np.int64 and knots.ndim == 1):
+        raise CalibexportError("knot times must be a 1-D int64 array.")
+    if len(knots) < 2 or knots[0] != 0 or np.any(np.diff(knots) <= 0):
+        raise CalibexportError(
+            f"knot times must increase strictly from 0 to T-1 with at least 2 knots, got "
+            f"{knots[:8].tolist()}{'...' if len(knots) > 8 else ''}; compress the table again."
+        )
+    _check_float32(rows, "knot rows", 4)
+    if rows.shape[0] != len(knots):
+        raise CalibexportError(
+            f"there are {len(knots)} knot times but {rows.shape[0]} knot rows; the file is "
+            "inconsistent, so compress the table again."
+        )
+
+
+def _check_low_rank(time_factors: np.ndarray, pixel_factors: np.ndarray) -> None:
+    _check_float32(time_factors, "time factors", 2)
+    _check_float32(pixel_factors, "pixel factors", 4)
+    if time_factors.shape[1] != pixel_factors.shape[0] or time_factors.shape[1] < 1:
+        raise CalibexportError(
+            f"time factors {list(time_factors.shape)} and pixel factors "
+            f"{list(pixel_factors.shape)} do not share a rank >= 1; compress the table again."
+        )
+
+
+def _check_float32(array: np.ndarray, name: str, ndim: int) -> None:
+    if not (isinstance(array, np.ndarray) and array.dtype == np.float32 and array.ndim == ndim):
+        raise CalibexportError(
+            f"{name} must be a {ndim}-D float32 array, got "
+            f"{getattr(array, 'dtype', type(array).__name__)} {list(np.shape(array))}."
+        )
+    if not np.all(np.isfinite(array)):
+        raise CalibexportError(f"{name} contain NaN or Inf; compress the table again.")
 
 
 def check_compatible(
@@ -119,31 +314,107 @@ def check_compatible(
 
 
 def load_eta_table(path: str | Path) -> EtaTable:
-    """Read an eta table (``eta.npy`` or a folder that contains it) and its sidecar, if present.
+    """Read an eta table and its sidecar, if present.
 
-    Checks that the array is 4-D, float32 or float64 (cast to float32) and finite, and that the
-    sidecar's ``eta_sha256`` matches the values. A bare ``.npy`` without a sidecar is accepted.
+    ``path`` is an ``eta.npy`` file, a compressed ``.npz`` file (``KnotEta`` or ``LowRankEta``), or
+    a folder that contains ``eta.npy`` or ``eta.npz``. Checks that the array is 4-D, float32 or
+    float64 (cast to float32) and finite, and that the sidecar's ``eta_sha256`` matches the
+    values (the compressed arrays for a ``.npz``). A bare file without a sidecar is accepted.
     """
-    table_path = resolve_table_path(path)
-    if not table_path.is_file():
-        raise CalibexportError(
-            f"eta table {table_path} not found; pass an eta.npy file or the folder that "
-            "contains it."
-        )
-    values = _read_values(table_path)
+    table_path = locate_table(path)
+    compressed = None
+    if table_path.suffix == ".npz":
+        compressed = _read_compressed(table_path)
+        values = compressed.dense()
+        digest = compressed.sha256
+    else:
+        values = _read_values(table_path)
+        digest = sha256_array(values)
 
     sidecar_path = sidecar_path_for(table_path)
     metadata = None
     if sidecar_path.is_file():
         metadata = _read_sidecar(sidecar_path)
-        _check_sidecar(metadata, values, table_path, sidecar_path)
+        _check_sidecar(metadata, values, table_path, sidecar_path, digest)
+        _check_compression_kind(metadata, compressed, table_path, sidecar_path)
     else:
         logger.info(
             "eta table %s has no sidecar %s; schedule and model details will come from the model.",
             table_path,
             sidecar_path.name,
         )
-    return EtaTable(values=values, metadata=metadata, path=table_path)
+    return EtaTable(values=values, metadata=metadata, path=table_path, compressed=compressed)
+
+
+def locate_table(path: str | Path) -> Path:
+    """Return the table file that ``load_eta_table`` reads for ``path``; raise if there is none.
+
+    A ``.npy`` or ``.npz`` path is the file itself. Any other path is a folder that must contain
+    exactly one of ``eta.npy`` and ``eta.npz``, because both would share the sidecar ``eta.json``.
+    """
+    path = Path(path)
+    if path.suffix in (".npy", ".npz") and not path.is_dir():
+        if not path.is_file():
+            raise CalibexportError(
+                f"eta table {path} not found; pass an eta.npy or .npz file or the folder that "
+                "contains it."
+            )
+        return path
+    candidates = [path / name for name in (TABLE_FILENAME, COMPRESSED_FILENAME)]
+    found = [candidate for candidate in candidates if candidate.is_file()]
+    if len(found) == 2:
+        raise CalibexportError(
+            f"{path} contains both {TABLE_FILENAME} and {COMPRESSED_FILENAME}, which would share "
+            "one eta.json sidecar; pass the table file you mean, and keep the other elsewhere."
+        )
+    if not found:
+        raise CalibexportError(
+            f"eta table {candidates[0]} not found; pass an eta.npy or .npz file or the folder "
+            "that contains it."
+        )
+    return found[0]
+
+
+def _read_compressed(table_path: Path) -> KnotEta | LowRankEta:
+    """Read a compressed table: a ``.npz`` with a 0-d string ``kind`` and that form's arrays."""
+    try:
+        with np.load(table_path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise CalibexportError(
+            f"cannot read compressed eta table {table_path}: the file is truncated or not a .npz "
+            f"archive ({error}); compress the table again."
+        ) from error
+    kind = str(arrays.pop("kind", ""))
+    if kind not in COMPRESSED_KINDS:
+        raise CalibexportError(
+            f"compressed eta table {table_path} has kind {kind!r}; valid kinds: "
+            f"{', '.join(COMPRESSED_KINDS)}. Write it with calibexport compress."
+        )
+    form = COMPRESSED_KINDS[kind]
+    expected = sorted(form.__dataclass_fields__.keys() - {"kind"})
+    if sorted(arrays) != expected:
+        raise CalibexportError(
+            f"compressed eta table {table_path} of kind {kind!r} contains arrays {sorted(arrays)}, "
+            f"expected {expected}; compress the table again."
+        )
+    return form(**arrays)
+
+
+def _check_compression_kind(
+    metadata: dict[str, Any],
+    compressed: KnotEta | LowRankEta | None,
+    table_path: Path,
+    sidecar_path: Path,
+) -> None:
+    recorded = (metadata.get("compression") or {}).get("kind")
+    actual = compressed.kind if compressed is not None else None
+    if recorded != actual:
+        raise CalibexportError(
+            f"eta sidecar {sidecar_path} records compression {recorded!r} but {table_path} is "
+            f"{'a ' + repr(actual) + ' table' if actual else 'a dense table'}; the two files "
+            "belong to different tables."
+        )
 
 
 def _read_values(table_path: Path) -> np.ndarray:
@@ -193,7 +464,8 @@ def _read_sidecar(sidecar_path: Path) -> dict[str, Any]:
 
 
 def _check_sidecar(
-    metadata: dict[str, Any], values: np.ndarray, table_path: Path, sidecar_path: Path
+    metadata: dict[str, Any], values: np.ndarray, table_path: Path, sidecar_path: Path,
+    actual: str,
 ) -> None:
     version = metadata.get("format_version", FORMAT_VERSION)
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -209,7 +481,6 @@ def _check_sidecar(
         )
     recorded = metadata.get("eta_sha256")
     if recorded is not None:
-        actual = sha256_array(values)
         if recorded != actual:
             raise CalibexportError(
                 f"eta table {table_path} does not match its sidecar: sha256 {actual[:16]}... "

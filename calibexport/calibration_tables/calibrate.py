@@ -31,12 +31,16 @@ def calibrate_to_file(
     weights: str = "ema",
     progress: bool = True,
     shard: str | None = None,
+    common_noise: bool = False,
+    target_se: float | None = None,
+    max_samples: int | None = None,
 ) -> dict:
     """Estimate the eta table of ``model`` on ``data`` and save it; return the sidecar metadata.
 
     ``shard`` ``I/N`` evaluates one shard and writes its partial sums instead (see
     ``calibexport.calibration_tables.distributed``); under ``torchrun`` the ranks share the work
-    and rank 0 writes the table.
+    and rank 0 writes the table. ``common_noise``, ``target_se`` and ``max_samples`` are passed
+    to ``estimate_eta``; a shard cannot sample to a target, because that needs all rows' sums.
     """
     loaded = load_model(model, config=config, weights=weights)
     channels, resolution, _ = loaded.spec.image_shape
@@ -49,10 +53,13 @@ def calibrate_to_file(
         if env is not None:
             raise CalibexportError("--shard cannot run under torchrun, which already splits the "
                                    "work; drop --shard or start a single process.")
+        if target_se is not None:
+            raise CalibexportError("--target-se needs the sums of all shards after every round; "
+                                   "drop --shard, or run under torchrun instead.")
         return distributed.calibrate_shard_to_file(
             loaded, network, images, schedule, describe_data(data, images), out=out,
             shard=distributed.Shard.parse(shard), num_samples=num_samples, estimator=estimator,
-            batch_size=batch_size, seed=seed, progress=progress)
+            batch_size=batch_size, seed=seed, progress=progress, common_noise=common_noise)
     estimate_function = estimate_eta if env is None else partial(
         distributed.estimate_eta_torchrun, env=env)
     estimate = estimate_function(
@@ -64,6 +71,9 @@ def calibrate_to_file(
         batch_size=batch_size,
         seed=seed,
         progress=progress,
+        common_noise=common_noise,
+        target_se=target_se,
+        max_samples=max_samples,
     )
     metadata = build_sidecar(
         estimate,

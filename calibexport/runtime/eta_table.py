@@ -9,13 +9,16 @@ the table is read by linear interpolation, and times outside ``[0, T-1]`` are cl
 ``EtaTable.at`` is the numpy reference for this rule. The eta fold in the exported ONNX graph
 computes the same thing, so the two must agree.
 
-Two compressed forms are stored as ``.npz`` files (with the same ``.json`` sidecar rule):
+Two compressed forms are stored as ``.npz`` files (with the same ``.json`` sidecar rule). Each
+defines the rows ``eta[k]`` at the integer times, and non-integer times interpolate between rows
+``lo`` and ``hi`` with the rule above, as for a dense table:
 
-* ``KnotEta`` keeps the rows at K integer knot times ``0 = k_0 < ... < k_{K-1} = T-1`` and
-  interpolates linearly between neighbouring knots. With ``j = min(#{i >= 1: k_i <= t'}, K-2)``
-  and ``w = (t' - k_j) / (k_{j+1} - k_j)``, ``eta(t) = v_j + w * (v_{j+1} - v_j)``.
-* ``LowRankEta`` stores ``eta[k] = sum_r U[k, r] V[r]``. The row of ``U`` at a non-integer time
-  is interpolated with the rule above before the product with ``V``.
+* ``KnotEta`` keeps the rows at K integer knot times ``0 = k_0 < ... < k_{K-1} = T-1``. Row k
+  interpolates linearly between its neighbouring knots: with ``j`` the last knot index such that
+  ``k_j <= k`` (at most K-2) and ``w_k = (k - k_j) / (k_{j+1} - k_j)`` in float32,
+  ``eta[k] = v_j + w_k * (v_{j+1} - v_j)``. Because knots are integers, eta(t) is the
+  piecewise-linear interpolant through the knots.
+* ``LowRankEta`` stores ``eta[k] = U[k] @ V`` with ``U`` [T, R] and ``V`` [R, C*H*W].
 
 This module imports numpy only.
 """
@@ -26,6 +29,7 @@ import hashlib
 import json
 import logging
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,9 +106,7 @@ class EtaTable:
         """
         if self.compressed is not None:
             return self.compressed.at(timestep)
-        lower, upper, weight = neighbour_rows(timestep, self.num_timesteps)
-        low_rows = self.values[lower]
-        return low_rows + weight[:, None, None, None] * (self.values[upper] - low_rows)
+        return _interpolate_rows(self.values.__getitem__, timestep, self.num_timesteps)
 
 
 def neighbour_rows(timestep: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -169,23 +171,29 @@ class KnotEta:
         """The arrays stored in the ``.npz`` file, by name."""
         return {"knots": self.knots, "rows": self.rows}
 
-    def at(self, timestep: np.ndarray) -> np.ndarray:
-        """Return eta at model input times [B] as float32 [B, C, H, W] (see the module rule)."""
-        clamped = clamped_times(timestep, self.num_timesteps)
+    @property
+    def row_segments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return (j, w_k) for every integer time k: int64 [T] and float32 [T]."""
+        times = np.arange(self.num_timesteps)
+        segment = np.minimum(np.searchsorted(self.knots, times, side="right") - 1,
+                             len(self.knots) - 2)
+        start, end = self.knots[segment], self.knots[segment + 1]
+        return segment, ((times - start) / (end - start)).astype(np.float32)
 
-        # j = number of knots after the first at or below t', capped so that j + 1 is a knot.
-        segment = np.searchsorted(self.knots[1:], clamped, side="right")
-        segment = np.minimum(segment, len(self.knots) - 2)
-        start = self.knots[segment].astype(np.float64)
-        end = self.knots[segment + 1].astype(np.float64)
-        weight = ((clamped - start) / (end - start)).astype(np.float32)[:, None, None, None]
-
+    def rows_at(self, index: np.ndarray) -> np.ndarray:
+        """Return the rows at integer times ``index`` (int64 [B]) as float32 [B, C, H, W]."""
+        segment, weight = self.row_segments
+        segment, weight = segment[index], weight[index][:, None, None, None]
         low_rows = self.rows[segment]
         return low_rows + weight * (self.rows[segment + 1] - low_rows)
 
+    def at(self, timestep: np.ndarray) -> np.ndarray:
+        """Return eta at model input times [B] as float32 [B, C, H, W] (see the module rule)."""
+        return _interpolate_rows(self.rows_at, timestep, self.num_timesteps)
+
     def dense(self) -> np.ndarray:
         """Return the rows at every integer time 0..T-1 as float32 [T, C, H, W]."""
-        return self.at(np.arange(self.num_timesteps, dtype=np.float64))
+        return self.rows_at(np.arange(self.num_timesteps))
 
 
 @dataclass(frozen=True)
@@ -227,22 +235,27 @@ class LowRankEta:
         """The arrays stored in the ``.npz`` file, by name."""
         return {"time_factors": self.time_factors, "pixel_factors": self.pixel_factors}
 
-    def at(self, timestep: np.ndarray) -> np.ndarray:
-        """Return eta at model input times [B] as float32 [B, C, H, W].
-
-        The rows lo and hi of ``time_factors`` are blended in float32 with the dense table's rule,
-        then multiplied by ``pixel_factors`` in float32.
-        """
-        lower, upper, weight = neighbour_rows(timestep, self.num_timesteps)
-        low = self.time_factors[lower]
-        coefficients = low + weight[:, None] * (self.time_factors[upper] - low)
+    def rows_at(self, index: np.ndarray) -> np.ndarray:
+        """Return the rows at integer times ``index`` (int64 [B]) as float32 [B, C, H, W]."""
         flat = self.pixel_factors.reshape(self.rank, -1)
-        return (coefficients @ flat).reshape(len(lower), *self.image_shape)
+        return (self.time_factors[index] @ flat).reshape(len(index), *self.image_shape)
+
+    def at(self, timestep: np.ndarray) -> np.ndarray:
+        """Return eta at model input times [B] as float32 [B, C, H, W] (see the module rule)."""
+        return _interpolate_rows(self.rows_at, timestep, self.num_timesteps)
 
     def dense(self) -> np.ndarray:
         """Return the rows at every integer time 0..T-1 as float32 [T, C, H, W]."""
-        flat = self.pixel_factors.reshape(self.rank, -1)
-        return (self.time_factors @ flat).reshape(self.num_timesteps, *self.image_shape)
+        return self.rows_at(np.arange(self.num_timesteps))
+
+
+def _interpolate_rows(
+    rows_at: Callable[[np.ndarray], np.ndarray], timestep: np.ndarray, num_rows: int
+) -> np.ndarray:
+    """Apply the dense table's rule to rows computed by ``rows_at`` (int64 [B] -> [B, C, H, W])."""
+    lower, upper, weight = neighbour_rows(timestep, num_rows)
+    low_rows = rows_at(lower)
+    return low_rows + weight[:, None, None, None] * (rows_at(upper) - low_rows)
 
 
 #: Compressed forms by the ``kind`` stored in their ``.npz`` file.

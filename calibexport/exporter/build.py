@@ -13,7 +13,8 @@ import numpy as np
 from calibexport.calibration_tables.estimate import table_coefficients
 from calibexport.errors import CalibexportError
 from calibexport.exporter.atomic import atomic_directory
-from calibexport.exporter.fold import fold_eta, save_onnx
+from calibexport.exporter.fold import save_onnx
+from calibexport.exporter.fold_compressed import fold_table
 from calibexport.exporter.manifest import MANIFEST_VERSION, build_manifest, write_manifest
 from calibexport.exporter.onnx_export import export_onnx
 from calibexport.exporter.tensorrt_engine import build_engine_step
@@ -103,12 +104,12 @@ def build_artifact(options: BuildOptions) -> BuildResult:
             "calibexport.eta_sha256": table.sha256,
             "calibexport.weights_sha256": loaded.weights_sha256,
         }
-        folded = fold_eta(onnx.load(str(network_path)), table.values, timestep_input="t", metadata=metadata)
+        folded = fold_table(onnx.load(str(network_path)), table, timestep_input="t", metadata=metadata)
         save_onnx(folded, tmp / "model.onnx")
         network_path.unlink()
-        _copy_table(table, tmp)
+        table_files = _copy_table(table, tmp)
 
-        files = ["model.onnx", "eta.npy"] + (["eta.json"] if table.metadata is not None else [])
+        files = ["model.onnx", *table_files]
         manifest = build_manifest(
             tmp, schedule=loaded.spec.schedule, prediction_type=loaded.spec.prediction_type,
             image_shape=image_shape, num_timesteps=table.values.shape[0],
@@ -151,11 +152,18 @@ class ParityFailed(CalibexportError):
         self.report = report
 
 
-def _copy_table(table: EtaTable, directory: Path) -> None:
-    """Copy the table and its sidecar into the artifact so validate can reload them."""
+def _copy_table(table: EtaTable, directory: Path) -> list[str]:
+    """Copy the table (eta.npy, or eta.npz if compressed) and its sidecar; return the names."""
+    from calibexport.calibration_tables.compress import save_compressed_table
     from calibexport.calibration_tables.table_io import save_eta_table
 
-    save_eta_table(directory / "eta.npy", table.values, table.metadata)
+    if table.compressed is not None:
+        save_compressed_table(directory / "eta.npz", table.compressed, table.metadata)
+        names = ["eta.npz"]
+    else:
+        save_eta_table(directory / "eta.npy", table.values, table.metadata)
+        names = ["eta.npy"]
+    return names + (["eta.json"] if table.metadata is not None else [])
 
 
 def _config_reference(config: str | None) -> str | None:

@@ -70,7 +70,7 @@ def validate_directory(artifact_dir: Path, *, loaded: LoadedModel | None = None,
             f"artifact was built from ({manifest.weights_sha256[:12]}...); pass the original checkpoint."
         )
 
-    table = load_eta_table(artifact_dir / "eta.npy")
+    table = load_eta_table(artifact_dir)
     schedule = schedule_from_spec(manifest.schedule)
     config = tolerance_config(tolerance_preset)
     with OnnxRuntimeBackend(artifact_dir / "model.onnx") as deployed:

@@ -1,15 +1,25 @@
-"""Fold the calibration offset into an ONNX graph: ``eps_calibrated = eps - eta(t)``.
+"""Fold the calibration offset into an ONNX graph, in the network's own parameterization.
 
-The table is stored as a float32 initializer [T, C, H, W]. For a floating-point timestep input
-the graph computes, per sample,
+The eta table is stored as a float32 initializer [T, C, H, W], row k for model input time k. For
+a floating-point timestep input the graph computes, per sample,
 
     t' = clip(t, 0, T-1);  lo = floor(t');  hi = min(lo + 1, T-1);  w = t' - lo
     eta(t) = table[lo] + w * (table[hi] - table[lo])
 
-which is the rule of ``calibexport.runtime.eta_table.EtaTable.at``. An integer timestep input
-(int32 or int64) is clipped to [0, T-1] in int64 and picks its row with one exact Gather. The
-clamp is deliberate: TensorRT returns zeros, without an error, for an out-of-range Gather index.
-A NaN floating-point timestep gives a NaN output.
+which is the rule of ``calibexport.runtime.eta_table.EtaTable.at``: the weight is computed in the
+timestep's precision (float32, or float64 for a float64 input) and the blend in float32. An
+integer timestep input (int32 or int64) is clipped to [0, T-1] in int64 and picks its row with one
+exact Gather. The clamp is deliberate: TensorRT returns zeros, without an error, for an
+out-of-range Gather index. A NaN floating-point timestep gives a NaN output.
+
+The table is in eps units. The output is corrected in the network's own units so that its
+implied eps is ``eps - eta`` (``calibexport.runtime.prediction.calibrate_output``):
+
+    eps: out - eta;   x0: out + (sigma_t / alpha_t) eta;   v: out - eta / alpha_t
+
+For x0 and v the graph also stores log_alpha per table row [T, 1, 1, 1] and reads it with the
+same lookup as eta, which for a discrete schedule is the schedule's own interpolation. Then
+``sigma_t / alpha_t = sqrt(exp(-2 log_alpha) - 1)`` and ``1 / alpha_t = exp(-log_alpha)``.
 
 This module needs onnx only, never torch.
 """
@@ -17,9 +27,7 @@ This module needs onnx only, never torch.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,37 +35,50 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from calibexport.errors import CalibexportError
+from calibexport.exporter.onnx_utils import (  # noqa: F401  (re-exported for existing callers)
+    PROTOBUF_LIMIT_BYTES,
+    check_model,
+    default_opset,
+    dims,
+    save_onnx,
+)
+from calibexport.runtime.prediction import PREDICTION_TYPES, check_prediction_type
 
 logger = logging.getLogger(__name__)
 
 #: Prefix of every node, initializer and value name that the fold adds.
 PREFIX = "calibexport_eta/"
-#: A protobuf message cannot reach 2 GiB, so larger models keep their weights in a separate file
-#: and onnx.checker cannot take them in memory.
-PROTOBUF_LIMIT_BYTES = 2**31
 # The fold uses Clip with min/max inputs on int64 (opset 12) and Gather/Reshape semantics of 13.
 _MIN_OPSET = 13
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 _INT_TYPES = (TensorProto.INT32, TensorProto.INT64)
+_TIMESTEP_TYPES = _FLOAT_TYPES + _INT_TYPES
 
 
 def fold_eta(
     model: onnx.ModelProto,
     eta: np.ndarray,
     *,
-    timestep_input: str = "t",
+    timestep_input: str | None = None,
     output: str | None = None,
+    prediction_type: str = "eps",
+    log_alpha: np.ndarray | None = None,
     metadata: dict[str, str] | None = None,
 ) -> onnx.ModelProto:
-    """Return a copy of ``model`` whose ``output`` is ``eps - eta(timestep_input)``.
+    """Return a copy of ``model`` whose ``output`` is calibrated by the eps-unit table ``eta``.
 
     ``eta`` is the float32 table [T, C, H, W] (float64 is cast), row k for model input time k.
-    ``output`` None selects the graph's only output. The output keeps its name and dtype, and the
-    timestep input keeps its dtype. ``metadata`` entries are added to ``metadata_props``,
-    replacing entries with the same key. The result passes ``onnx.checker`` and strict shape
-    inference. Raises CalibexportError when the table does not fit the graph.
+    ``timestep_input`` None selects the only graph input of rank 0 or 1 with an integer or
+    floating-point type (``find_timestep_input``). ``output`` None selects the graph's only
+    output. ``prediction_type`` is what the output predicts (eps, x0 or v); x0 and v need
+    ``log_alpha``, the schedule's log alpha at the T table rows
+    (``calibexport.runtime.prediction.table_log_alpha``). The output keeps its name and dtype,
+    and the timestep input keeps its dtype. ``metadata`` entries are added to
+    ``metadata_props``, replacing entries with the same key. The result passes onnx.checker and
+    strict shape inference. Raises CalibexportError when the table does not fit the graph.
     """
     table = _check_table(eta)
+    coefficient_table = _check_log_alpha(prediction_type, log_alpha, len(table))
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
     graph = folded.graph
@@ -68,7 +89,7 @@ def fold_eta(
             f"the graph uses ONNX opset {opset}; folding eta needs opset {_MIN_OPSET} or newer. "
             "Re-export the network with a newer opset."
         )
-    timestep = _find_input(graph, timestep_input)
+    timestep = find_timestep_input(graph, timestep_input)
     eps = _find_output(graph, output)
     _check_table_fits(table, eps)
     if any(name.startswith(PREFIX) for name in _all_names(graph)):
@@ -84,72 +105,67 @@ def fold_eta(
 
     t_type = timestep.type.tensor_type.elem_type
     if t_type in _INT_TYPES:
-        eta_name = _gather_exact(graph, timestep.name, t_type, len(table))
-    elif t_type in _FLOAT_TYPES:
-        eta_name = _gather_interpolated(graph, timestep.name, t_type, len(table))
+        lookup = _exact_lookup(graph, timestep.name, t_type, len(table))
     else:
-        raise CalibexportError(
-            f"timestep input {timestep.name!r} has ONNX type {TensorProto.DataType.Name(t_type)}; "
-            "supported: float16, bfloat16, float32, float64, int32, int64."
-        )
-    _subtract(graph, raw_name, eta_name, eps.name, eps.type.tensor_type.elem_type)
+        lookup = _interpolated_lookup(graph, timestep.name, t_type, len(table))
+    correction = lookup.read(graph, PREFIX + "table", "eta")
+    if coefficient_table is not None:
+        coefficients = numpy_helper.from_array(coefficient_table, PREFIX + "log_alpha_table")
+        graph.initializer.append(coefficients)
+        log_alpha_t = lookup.read(graph, PREFIX + "log_alpha_table", "log_alpha")
+        correction = _scaled_correction(graph, prediction_type, log_alpha_t, correction)
+    operation = "Add" if prediction_type == "x0" else "Sub"
+    _combine(graph, operation, raw_name, correction, eps.name, eps.type.tensor_type.elem_type)
 
     _set_metadata(folded, metadata or {})
     check_folded_model(folded, eps.name)
-    logger.info("Folded eta [%s] into output %r (timestep input %r, %s).",
-                ", ".join(map(str, table.shape)), eps.name, timestep.name,
+    logger.info("Folded eta [%s] into %s output %r (timestep input %r, %s).",
+                ", ".join(map(str, table.shape)), prediction_type, eps.name, timestep.name,
                 "exact row lookup" if t_type in _INT_TYPES else "linear interpolation")
     return folded
 
 
+def find_timestep_input(graph: onnx.GraphProto, name: str | None = None) -> onnx.ValueInfoProto:
+    """Return the graph input ``name``, or without a name the only plausible timestep input.
+
+    A plausible timestep input has rank 0 or 1 and an integer or floating-point type, and is not
+    an initializer. Raises CalibexportError when none or several inputs qualify.
+    """
+    inputs = _real_inputs(graph)
+    if name is not None:
+        for value in inputs:
+            if value.name == name:
+                return value
+        raise CalibexportError(
+            f"timestep input {name!r} not found; the graph inputs are "
+            f"{_describe_inputs(inputs)}. Pass the right timestep input name."
+        )
+    candidates = [
+        value for value in inputs
+        if value.type.tensor_type.elem_type in _TIMESTEP_TYPES
+        and value.type.tensor_type.HasField("shape")
+        and len(value.type.tensor_type.shape.dim) <= 1
+    ]
+    if len(candidates) == 1:
+        return candidates[0]
+    reason = "none has" if not candidates else f"{len(candidates)} have"
+    raise CalibexportError(
+        f"cannot tell the timestep input: of the graph inputs {_describe_inputs(inputs)}, "
+        f"{reason} rank 0 or 1 and an integer or float type. Name it with --timestep-input "
+        "(timestep_input=)."
+    )
+
+
 def check_folded_model(model: onnx.ModelProto, output: str) -> None:
     """Run onnx.checker and strict shape inference, and check the output keeps its static dims."""
-    if model.ByteSize() >= PROTOBUF_LIMIT_BYTES:
-        # NOTE: models past the protobuf limit skip both checks; they need a path-based check.
-        logger.warning("model is %d bytes, past the 2 GiB protobuf limit: checks skipped.",
-                       model.ByteSize())
-        return
-    try:
-        onnx.checker.check_model(model)
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True,
-                                                     data_prop=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise CalibexportError(f"the folded ONNX graph is invalid: {exc}") from exc
+    inferred = check_model(model, what="folded ONNX graph")
     declared = _find_output(model.graph, output).type.tensor_type.shape
     seen = _find_output(inferred.graph, output).type.tensor_type.shape
-    if _dims(seen)[1:] != _dims(declared)[1:]:
+    if dims(seen)[1:] != dims(declared)[1:]:
         raise CalibexportError(
-            f"shape inference gives output {output!r} the shape {_dims(seen)}, but the graph "
-            f"declares {_dims(declared)}."
+            f"shape inference gives output {output!r} the shape {dims(seen)}, but the graph "
+            f"declares {dims(declared)}."
         )
-
-
-def save_onnx(
-    model: onnx.ModelProto, path: str | Path, *, external_data: bool | None = None
-) -> None:
-    """Write ``model`` to ``path`` through a temporary file in the same folder and os.replace.
-
-    ``external_data`` None stores the weights inside the file unless the model reaches the 2 GiB
-    protobuf limit; True stores them in ``<name>.data`` beside it, replaced before the model file.
-    """
-    path = Path(path)
-    if external_data is None:
-        external_data = model.ByteSize() >= PROTOBUF_LIMIT_BYTES
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-", dir=path.parent) as tmp:
-        tmp_model = Path(tmp) / path.name
-        data_name = path.name + ".data"
-        try:
-            onnx.save_model(model, str(tmp_model), save_as_external_data=external_data,
-                            all_tensors_to_one_file=True, location=data_name,
-                            size_threshold=1024)
-        except (OSError, ValueError) as exc:
-            raise CalibexportError(f"failed to write ONNX model {path}: {exc}") from exc
-        if external_data:
-            os.replace(Path(tmp) / data_name, path.parent / data_name)
-        os.replace(tmp_model, path)
-    logger.info("Wrote %s (%.1f MB%s).", path, path.stat().st_size / 1e6,
-                ", weights in " + path.name + ".data" if external_data else "")
 
 
 def _check_table(eta: Any) -> np.ndarray:
@@ -170,18 +186,41 @@ def _check_table(eta: Any) -> np.ndarray:
     return np.ascontiguousarray(table, dtype=np.float32)
 
 
-def _check_table_fits(table: np.ndarray, eps: onnx.ValueInfoProto) -> None:
-    dims = _dims(eps.type.tensor_type.shape)
-    if len(dims) != 4:
+def _check_log_alpha(prediction_type: str, log_alpha: Any, num_rows: int) -> np.ndarray | None:
+    """Return log_alpha as float32 [T, 1, 1, 1] for x0 and v, None for eps."""
+    if check_prediction_type(prediction_type) == "eps":
+        return None
+    if log_alpha is None:
         raise CalibexportError(
-            f"output {eps.name!r} has shape {dims}; folding eta needs a 4-D output [B, C, H, W]."
+            f"folding eta into a {prediction_type} network needs the schedule's log_alpha at the "
+            "table rows; pass log_alpha (calibexport.runtime.prediction.table_log_alpha)."
+        )
+    values = np.asarray(log_alpha, dtype=np.float64).reshape(-1)
+    if len(values) != num_rows:
+        raise CalibexportError(
+            f"log_alpha has {len(values)} entries but eta has {num_rows} rows; compute it for "
+            "the same table rows."
+        )
+    if not np.all(np.isfinite(values)) or np.any(values >= 0):
+        raise CalibexportError(
+            "log_alpha must be finite and negative at every row (0 < alpha_t < 1), got values "
+            f"in [{values.min():g}, {values.max():g}]; check the schedule."
+        )
+    return values.astype(np.float32).reshape(num_rows, 1, 1, 1)
+
+
+def _check_table_fits(table: np.ndarray, eps: onnx.ValueInfoProto) -> None:
+    shape = dims(eps.type.tensor_type.shape)
+    if len(shape) != 4:
+        raise CalibexportError(
+            f"output {eps.name!r} has shape {shape}; folding eta needs a 4-D output [B, C, H, W]."
         )
     mismatches = []
     for axis, name in enumerate("CHW", start=1):
-        graph_size = dims[axis]
+        graph_size = shape[axis]
         if not isinstance(graph_size, int):
             raise CalibexportError(
-                f"output {eps.name!r} has shape {dims}: {name} is not static, so the table "
+                f"output {eps.name!r} has shape {shape}: {name} is not static, so the table "
                 "cannot be checked against it. Export with static C, H and W."
             )
         if graph_size != table.shape[axis]:
@@ -189,34 +228,64 @@ def _check_table_fits(table: np.ndarray, eps: onnx.ValueInfoProto) -> None:
     if mismatches:
         raise CalibexportError(
             f"eta [{', '.join(map(str, table.shape))}] does not fit output {eps.name!r} "
-            f"{dims} ({'; '.join(mismatches)}); use the table estimated for this model."
+            f"{shape} ({'; '.join(mismatches)}); use the table estimated for this model."
         )
 
 
-def _gather_exact(graph: onnx.GraphProto, timestep: str, t_type: int, num_rows: int) -> str:
-    """Add eta = table[clip(t, 0, T-1)] for an integer timestep; return the eta value name."""
+@dataclass(frozen=True)
+class _Lookup:
+    """Row indices and weight of one timestep lookup, shared by every table read with it."""
+
+    lower: str
+    upper: str | None = None
+    weight: str | None = None
+
+    def read(self, graph: onnx.GraphProto, table: str, name: str) -> str:
+        """Add the nodes that read ``table`` at the looked-up rows; return the value name."""
+        row_lower = _node(graph, "Gather", [table, self.lower], f"{name}_lower", axis=0)
+        if self.upper is None:
+            return row_lower
+
+        # table[lo] + w * (table[hi] - table[lo])
+        row_upper = _node(graph, "Gather", [table, self.upper], f"{name}_upper", axis=0)
+        delta = _node(graph, "Sub", [row_upper, row_lower], f"{name}_delta")
+        step = _node(graph, "Mul", [self.weight, delta], f"{name}_step")
+        return _node(graph, "Add", [row_lower, step], name)
+
+
+def _exact_lookup(graph: onnx.GraphProto, timestep: str, t_type: int, num_rows: int) -> _Lookup:
+    """Add index = clip(t, 0, T-1) in int64 for an integer timestep."""
     index = timestep
     if t_type != TensorProto.INT64:
         index = _node(graph, "Cast", [timestep], "t_int64", to=TensorProto.INT64)
     low = _constant(graph, "index_min", np.array(0, dtype=np.int64))
     high = _constant(graph, "index_max", np.array(num_rows - 1, dtype=np.int64))
-    index = _node(graph, "Clip", [index, low, high], "index")
-    return _node(graph, "Gather", [PREFIX + "table", index], "eta", axis=0)
+    return _Lookup(_node(graph, "Clip", [index, low, high], "index"))
 
 
-def _gather_interpolated(graph: onnx.GraphProto, timestep: str, t_type: int, num_rows: int) -> str:
-    """Add the interpolated lookup for a floating-point timestep; return the eta value name."""
+def _interpolated_lookup(graph: onnx.GraphProto, timestep: str, t_type: int,
+                         num_rows: int) -> _Lookup:
+    """Add the rows lo, hi and the weight w of the interpolated lookup for a float timestep."""
+    if t_type not in _FLOAT_TYPES:
+        raise CalibexportError(
+            f"timestep input {timestep!r} has ONNX type {TensorProto.DataType.Name(t_type)}; "
+            "supported: float16, bfloat16, float32, float64, int32, int64."
+        )
+    # float16 and bfloat16 widen to float32 exactly; float64 keeps its precision for w.
+    work_type = TensorProto.DOUBLE if t_type == TensorProto.DOUBLE else TensorProto.FLOAT
+    work_dtype = np.float64 if work_type == TensorProto.DOUBLE else np.float32
     t = timestep
-    if t_type != TensorProto.FLOAT:
-        # NOTE: float64 times lose precision here (w is off by up to 2^-24 * t for t in [0, T-1]).
-        t = _node(graph, "Cast", [timestep], "t_float32", to=TensorProto.FLOAT)
+    if t_type != work_type:
+        t = _node(graph, "Cast", [timestep], "t_float32", to=work_type)
 
-    # t' = clip(t, 0, T-1); lo = floor(t'); w = t' - lo
-    t_min = _constant(graph, "t_min", np.array(0.0, dtype=np.float32))
-    t_max = _constant(graph, "t_max", np.array(num_rows - 1, dtype=np.float32))
+    # t' = clip(t, 0, T-1); lo = floor(t'); w = t' - lo, then w in float32 shaped [B, 1, 1, 1]
+    t_min = _constant(graph, "t_min", np.array(0.0, dtype=work_dtype))
+    t_max = _constant(graph, "t_max", np.array(num_rows - 1, dtype=work_dtype))
     clamped = _node(graph, "Clip", [t, t_min, t_max], "t_clamped")
     floor = _node(graph, "Floor", [clamped], "t_floor")
     weight = _node(graph, "Sub", [clamped, floor], "weight")
+    if work_type != TensorProto.FLOAT:
+        weight = _node(graph, "Cast", [weight], "weight_float32", to=TensorProto.FLOAT)
     weight_shape = _constant(graph, "weight_shape", np.array([-1, 1, 1, 1], dtype=np.int64))
     weight = _node(graph, "Reshape", [weight, weight_shape], "weight_bchw")
 
@@ -229,25 +298,39 @@ def _gather_interpolated(graph: onnx.GraphProto, timestep: str, t_type: int, num
     last = _constant(graph, "index_last", np.array(num_rows - 1, dtype=np.int64))
     upper = _node(graph, "Add", [lower, one], "index_next")
     upper = _node(graph, "Min", [upper, last], "index_upper")
-
-    # eta = table[lo] + w * (table[hi] - table[lo])
-    row_lower = _node(graph, "Gather", [PREFIX + "table", lower], "row_lower", axis=0)
-    row_upper = _node(graph, "Gather", [PREFIX + "table", upper], "row_upper", axis=0)
-    delta = _node(graph, "Sub", [row_upper, row_lower], "row_delta")
-    step = _node(graph, "Mul", [weight, delta], "row_step")
-    return _node(graph, "Add", [row_lower, step], "eta")
+    return _Lookup(lower, upper, weight)
 
 
-def _subtract(graph: onnx.GraphProto, raw: str, eta: str, out: str, out_type: int) -> None:
-    """Add ``out = raw - eta``; float16/bfloat16 outputs subtract in float32, float64 in float64."""
+def _scaled_correction(graph: onnx.GraphProto, prediction_type: str, log_alpha: str,
+                       eta: str) -> str:
+    """Add the x0 term (sigma/alpha) eta or the v term eta/alpha; return its value name."""
+    if prediction_type == "x0":
+        # sigma/alpha = sqrt(1/alpha^2 - 1); Relu guards the root against rounding below zero.
+        minus_two = _constant(graph, "minus_two", np.array(-2.0, dtype=np.float32))
+        one = _constant(graph, "one", np.array(1.0, dtype=np.float32))
+        exponent = _node(graph, "Mul", [log_alpha, minus_two], "minus_two_log_alpha")
+        inverse_square = _node(graph, "Exp", [exponent], "inverse_alpha_squared")
+        ratio_square = _node(graph, "Sub", [inverse_square, one], "sigma_over_alpha_squared")
+        ratio_square = _node(graph, "Relu", [ratio_square], "sigma_over_alpha_squared_clamped")
+        coefficient = _node(graph, "Sqrt", [ratio_square], "sigma_over_alpha")
+    else:
+        negated = _node(graph, "Neg", [log_alpha], "minus_log_alpha")
+        coefficient = _node(graph, "Exp", [negated], "inverse_alpha")
+    return _node(graph, "Mul", [coefficient, eta], f"{prediction_type}_correction")
+
+
+def _combine(graph: onnx.GraphProto, operation: str, raw: str, correction: str, out: str,
+             out_type: int) -> None:
+    """Add ``out = raw (+|-) correction``; float16/bfloat16 in float32, float64 in float64."""
+    name = PREFIX + ("subtract" if operation == "Sub" else "add")
     if out_type == TensorProto.FLOAT:
-        graph.node.append(helper.make_node("Sub", [raw, eta], [out], name=PREFIX + "subtract"))
+        graph.node.append(helper.make_node(operation, [raw, correction], [out], name=name))
     elif out_type == TensorProto.DOUBLE:
-        eta = _node(graph, "Cast", [eta], "eta_float64", to=TensorProto.DOUBLE)
-        graph.node.append(helper.make_node("Sub", [raw, eta], [out], name=PREFIX + "subtract"))
+        correction = _node(graph, "Cast", [correction], "correction_float64", to=TensorProto.DOUBLE)
+        graph.node.append(helper.make_node(operation, [raw, correction], [out], name=name))
     elif out_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
-        raw32 = _node(graph, "Cast", [raw], "eps_float32", to=TensorProto.FLOAT)
-        calibrated = _node(graph, "Sub", [raw32, eta], "eps_calibrated_float32")
+        raw32 = _node(graph, "Cast", [raw], "output_float32", to=TensorProto.FLOAT)
+        calibrated = _node(graph, operation, [raw32, correction], "calibrated_float32")
         graph.node.append(helper.make_node("Cast", [calibrated], [out], name=PREFIX + "cast_out",
                                            to=out_type))
     else:
@@ -270,25 +353,41 @@ def _constant(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
 
 
 def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
-    """Rename the value ``old`` at its producer and at every consumer in the main graph."""
+    """Rename the value ``old`` at its producer and at every consumer, subgraphs included."""
     producers = [node for node in graph.node if old in node.output]
     if not producers:
         raise CalibexportError(
             f"output {old!r} is not produced by a node (it is a graph input or an initializer); "
             "there is no network to fold eta into."
         )
+    _rename_references(graph, old, new)
     for node in graph.node:
-        for field in (node.input, node.output):
-            for i, name in enumerate(field):
-                if name == old:
-                    field[i] = new
-        if any(attr.HasField("g") or attr.graphs for attr in node.attribute):
-            # NOTE: a subgraph that reads the output by its outer name is not rewired.
-            logger.warning("node %r has a subgraph; references to %r inside it are not renamed.",
-                           node.name, old)
+        for i, name in enumerate(node.output):
+            if name == old:
+                node.output[i] = new
     for info in graph.value_info:
         if info.name == old:
             info.name = new
+
+
+def _rename_references(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Rename node inputs ``old`` in ``graph`` and in subgraphs that do not define ``old``."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for attribute in node.attribute:
+            subgraphs = list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else [])
+            for subgraph in subgraphs:
+                if old not in _defined_names(subgraph):
+                    _rename_references(subgraph, old, new)
+
+
+def _defined_names(graph: onnx.GraphProto) -> set[str]:
+    names = {value.name for value in (*graph.input, *graph.initializer)}
+    for node in graph.node:
+        names.update(node.output)
+    return names
 
 
 def _set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
@@ -303,14 +402,20 @@ def _set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
     helper.set_model_props(model, {**dict(kept), **metadata})
 
 
-def _find_input(graph: onnx.GraphProto, name: str) -> onnx.ValueInfoProto:
-    for value in graph.input:
-        if value.name == name:
-            return value
-    raise CalibexportError(
-        f"timestep input {name!r} not found; the graph inputs are "
-        f"{[v.name for v in graph.input]}. Pass the right timestep_input."
-    )
+def _real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """Return the graph inputs that are not initializers (IR < 4 lists those as inputs too)."""
+    initializers = {tensor.name for tensor in graph.initializer}
+    return [value for value in graph.input if value.name not in initializers]
+
+
+def _describe_inputs(inputs: list[onnx.ValueInfoProto]) -> str:
+    described = []
+    for value in inputs:
+        tensor_type = value.type.tensor_type
+        type_name = TensorProto.DataType.Name(tensor_type.elem_type).lower()
+        shape = dims(tensor_type.shape) if tensor_type.HasField("shape") else "unknown shape"
+        described.append(f"{value.name} ({type_name} {shape})")
+    return "[" + ", ".join(described) + "]"
 
 
 def _find_output(graph: onnx.GraphProto, name: str | None) -> onnx.ValueInfoProto:
@@ -319,7 +424,7 @@ def _find_output(graph: onnx.GraphProto, name: str | None) -> onnx.ValueInfoProt
         if len(outputs) != 1:
             raise CalibexportError(
                 f"the graph has {len(outputs)} outputs {[o.name for o in outputs]}; pass output= "
-                "to choose the noise prediction."
+                "(--output) to choose the noise prediction."
             )
         return outputs[0]
     for value in outputs:
@@ -330,21 +435,21 @@ def _find_output(graph: onnx.GraphProto, name: str | None) -> onnx.ValueInfoProt
     )
 
 
-def _dims(shape: onnx.TensorShapeProto) -> list[int | str]:
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shape.dim]
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    """Return the version of the default ONNX operator set that ``model`` imports."""
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    raise CalibexportError("the model imports no default-domain ONNX opset.")
-
-
 def _all_names(graph: onnx.GraphProto) -> set[str]:
     names = {value.name for value in (*graph.input, *graph.output, *graph.initializer)}
     for node in graph.node:
         names.update(node.output)
         names.add(node.name)
     return names
+
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "PREFIX",
+    "PROTOBUF_LIMIT_BYTES",
+    "check_folded_model",
+    "default_opset",
+    "find_timestep_input",
+    "fold_eta",
+    "save_onnx",
+]

@@ -41,14 +41,32 @@ def build(
         False, "--allow-mismatch", help="Accept an eta table estimated for other weights."
     ),
     tolerance: str = typer.Option("fp32-cpu", "--tolerance", help="Parity tolerance preset."),
+    batch_sizes: Optional[str] = typer.Option(
+        None, "--batch-sizes", help="TensorRT optimization profile MIN,OPT,MAX: the engine "
+        "accepts batch sizes MIN..MAX and is tuned for OPT (default: 1,8,64)."
+    ),
+    engine: bool = typer.Option(
+        True, "--engine/--no-engine", help="Build a TensorRT engine where TensorRT 10+ and an "
+        "NVIDIA GPU are present."
+    ),
+    engine_cache: Optional[Path] = typer.Option(
+        None, "--engine-cache", help="Directory of built TensorRT engines, reused when every "
+        "engine field (GPU, TensorRT, batch sizes, ONNX, eta) matches."
+    ),
 ) -> None:
     """Export the network to ONNX with eta folded in, write the manifest and validate."""
     from calibexport.exporter.build import BuildOptions, ParityFailed, build_artifact
+    from calibexport.exporter.engine_cache import BatchProfile
+
+    if batch_sizes is not None:
+        # Reject a malformed profile before the export, which can take minutes.
+        BatchProfile.parse(batch_sizes)
 
     out = out or Path("build") / model.stem
     options = BuildOptions(model=model, eta=eta, out=out, config=config, weights=weights,
                            exporter=exporter, opset=opset, overwrite=overwrite, validate=validate,
-                           allow_mismatch=allow_mismatch, tolerance_preset=tolerance)
+                           allow_mismatch=allow_mismatch, tolerance_preset=tolerance,
+                           batch_sizes=batch_sizes, engine=engine, engine_cache=engine_cache)
     try:
         result = build_artifact(options)
     except ParityFailed as failure:

@@ -7,6 +7,7 @@ TensorRT 10+ or an NVIDIA GPU. The others run everywhere.
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -364,3 +365,47 @@ def test_tensorrt_matches_onnxruntime_parity(tiny_artifact, tmp_path):
     failed = [check.failure_message() for check in result.checks if not check.passed]
     assert failed == []
     assert (tmp_path / "repro" / "polygraphy_inputs.json").is_file()
+
+
+# --- The build command ----------------------------------------------------------------------
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "calibexport", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.parametrize("batch_sizes, message", [
+    ("8,1,16", r"MIN <= OPT <= MAX, got 8,1,16"),
+    ("1,8", "expected three comma-separated integers"),
+    ("0,1,2", "must be positive integers"),
+])
+def test_build_cli_rejects_bad_batch_sizes(tmp_path, batch_sizes, message):
+    from typer.testing import CliRunner
+
+    import calibexport.cli.build  # noqa: F401  (registers the command)
+    from calibexport.cli.app import app
+
+    # The profile is checked before the model is read, so a missing model is never reached.
+    result = CliRunner().invoke(app, ["build", "--model", str(tmp_path / "missing.safetensors"),
+                                      "--eta", str(tmp_path / "missing.npy"),
+                                      "--batch-sizes", batch_sizes])
+    assert result.exit_code == 2
+    assert re.search(message, result.output), result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TENSORRT_MISSING is None, reason="TensorRT and a GPU are present here")
+def test_build_cli_without_gpu_completes_onnx(tmp_path, tiny_model, tiny_eta):
+    out = tmp_path / "artifact"
+    result = run_cli("build", "--model", str(tiny_model), "--eta", str(tiny_eta), "--out",
+                     str(out), "--exporter", "torchscript", "--no-validate",
+                     "--batch-sizes", "1,4,16")
+    assert result.returncode == 0, result.stderr
+    assert "TensorRT engine skipped: " in result.stderr
+    assert "--batch-sizes 1,4,16 has no effect because no engine is built." in result.stderr
+    assert (out / "model.onnx").is_file()
+    assert (out / "manifest.json").is_file()
+    assert not (out / ENGINE_FILENAME).exists()
+    assert not (out / ENGINE_METADATA_FILENAME).exists()

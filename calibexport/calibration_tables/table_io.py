@@ -68,6 +68,7 @@ def build_sidecar(
         "estimator": estimate.estimator,
         "seed": estimate.seed,
         "standard_error": row_standard_error_summary(estimate.standard_error),
+        "sampling": estimate.sampling_summary(),
         "model_weights_sha256": weights_sha256,
         "eta_sha256": sha256_array(eta),
         "calibexport_version": calibexport.__version__,

@@ -21,10 +21,25 @@ def calibrate(
         ..., "--out", "-o", help="Output table eta.npy; the sidecar eta.json is written beside it."
     ),
     num_samples: int = typer.Option(
-        64, "--num-samples", "-n", help="Monte Carlo samples per timestep."
+        64, "--num-samples", "-n",
+        help="Network evaluations per timestep (the pilot count with --target-se).",
     ),
     estimator: Optional[str] = typer.Option(
-        None, help="naive or control_variate (default: control_variate)."
+        None, help="naive, control_variate, regression, regression_pixel or antithetic "
+        "(default: control_variate); docs/calibration.md compares them.",
+    ),
+    target_se: Optional[float] = typer.Option(
+        None, "--target-se", help="Sample until every row's relative standard error "
+        "||SE_k|| / ||eta_k|| is below this value (for example 0.2), giving noisier rows more "
+        "samples.",
+    ),
+    max_samples: Optional[int] = typer.Option(
+        None, "--max-samples", help="Largest number of evaluations per timestep with "
+        "--target-se (default 16384).",
+    ),
+    common_noise: bool = typer.Option(
+        False, "--common-noise", help="Reuse the same draws (x0, e) at every timestep, which "
+        "correlates the errors of neighbouring rows (per-row standard errors are unchanged).",
     ),
     batch_size: int = typer.Option(256, help="Network evaluations per batch."),
     seed: int = typer.Option(0, help="Random seed for data draws and noise."),
@@ -41,4 +56,5 @@ def calibrate(
 
     calibrate_to_file(model=model, data=data, out=out, num_samples=num_samples,
                       estimator=estimator, batch_size=batch_size, seed=seed, config=config,
-                      weights=weights, shard=shard)
+                      weights=weights, shard=shard, common_noise=common_noise,
+                      target_se=target_se, max_samples=max_samples)

@@ -639,3 +639,71 @@ def test_sampler_tensorrt_with_fake_engine(fake_gpu, tiny_artifact, tmp_path):
     assert images.shape == (3, *manifest.image_shape)
     assert np.all(np.isfinite(images))
     assert fake_gpu.launches > 0
+
+
+# --- The GPU check script and benchmark ----------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_check_script_is_valid_bash():
+    result = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_script_writes_summary(tmp_path):
+    """Run the whole script with a stand-in nvidia-smi and a 2 s benchmark limit."""
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'Stand-in GPU, 8.6, 550.00, 81920 MiB'\n")
+    fake.chmod(0o755)
+    environment = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                       GPU_CHECK_BENCHMARK_SECONDS="2")
+    out = tmp_path / "results"
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)],
+                            capture_output=True, text=True, timeout=400, env=environment)
+    assert result.returncode == 1
+    assert "benchmark exit status 124" in result.stderr
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert summary["gpu"] == "Stand-in GPU, 8.6, 550.00, 81920 MiB"
+    assert summary["timed_out"] == ["benchmark"]
+    assert summary["tests"]["failed"] == []
+    assert summary["tests"]["total"] > 0
+    if TENSORRT_MISSING is not None:
+        assert any("needs TensorRT 10+" in reason for reason in summary["tests"]["skipped"])
+    assert (out / "gpu-tests.log").is_file()
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run(tmp_path):
+    out = tmp_path / "benchmark.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_benchmark.py"), "--dry-run",
+               "--architecture", "tiny", "--batch-size", "2", "--num-samples", "3", "--steps",
+               "2", "--repeats", "2", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    assert results["status"] == "complete"
+    assert results["build"]["onnx_bytes"] > 0
+    assert "engine_seconds" not in results["build"]
+    for name in ("tensorrt", "tensorrt-cuda-graph", "onnxruntime-cuda"):
+        assert results["backends"][name] == {"skipped": "--dry-run"}
+    onnxruntime = results["backends"]["onnxruntime-cpu"]
+    assert onnxruntime["samples_finite"] is True
+    assert onnxruntime["eval_ms_median"] > 0
+    assert onnxruntime["max_abs_diff_vs_pytorch"] < 1e-4
+    assert results["backends"]["pytorch-eager-cpu"]["sampling_images_per_second"] > 0
+
+
+def test_gpu_benchmark_rejects_bad_sizes(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_benchmark.py"), "--dry-run",
+               "--batch-size", "0", "--out", str(tmp_path / "b.json")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--batch-size must be >= 1, got 0" in result.stderr
+    assert not (tmp_path / "b.json").exists()

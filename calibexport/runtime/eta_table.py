@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tokenize
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -388,12 +389,18 @@ def locate_table(path: str | Path) -> Path:
     return found[0]
 
 
+# What np.load raises for a damaged file: numpy parses the header with the tokenize and ast
+# modules, and a damaged shape can request more memory than exists.
+_DAMAGED_NPY_ERRORS = (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError,
+                       MemoryError)
+
+
 def _read_compressed(table_path: Path) -> KnotEta | LowRankEta:
     """Read a compressed table: a ``.npz`` with a 0-d string ``kind`` and that form's arrays."""
     try:
         with np.load(table_path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+    except (*_DAMAGED_NPY_ERRORS, zipfile.BadZipFile) as error:
         raise CalibexportError(
             f"cannot read compressed eta table {table_path}: the file is truncated or not a .npz "
             f"archive ({error}); compress the table again."
@@ -432,8 +439,10 @@ def _check_compression_kind(
 
 def _read_values(table_path: Path) -> np.ndarray:
     try:
-        values = np.load(table_path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
+        # A memory map checks the header's shape against the file size before anything is
+        # allocated; the copy then detaches the values from the file.
+        values = np.array(np.load(table_path, allow_pickle=False, mmap_mode="r"))
+    except _DAMAGED_NPY_ERRORS as error:
         raise CalibexportError(
             f"cannot read eta table {table_path}: the file is truncated or not a .npy array "
             f"({error}); estimate the table again."
@@ -443,6 +452,10 @@ def _read_values(table_path: Path) -> np.ndarray:
     if values.ndim != 4:
         raise CalibexportError(
             f"eta table {table_path} must be 4-D [T, C, H, W], got shape {list(values.shape)}."
+        )
+    if values.shape[0] == 0:
+        raise CalibexportError(
+            f"eta table {table_path} has no rows (shape {list(values.shape)}); estimate it again."
         )
     if values.dtype == np.float64:
         values = values.astype(np.float32)

@@ -83,6 +83,8 @@ def user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
 
 def main() -> None:
     # Importing the command modules registers their commands on ``app``.
-    from calibexport.cli import build, calibrate, compress, merge, sample, validate  # noqa: F401
+    from calibexport.cli import (  # noqa: F401
+        build, calibrate, compress, fold, merge, sample, validate,
+    )
 
     app()

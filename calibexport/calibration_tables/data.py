@@ -7,6 +7,9 @@ networks were trained on.
 from __future__ import annotations
 
 import logging
+import tokenize
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -128,16 +131,23 @@ def describe_data(source: str | Path, array: np.ndarray) -> dict[str, Any]:
     return description
 
 
+# What np.load raises for a damaged .npy or .npz: numpy parses headers with tokenize and ast, a
+# damaged shape can request more memory than exists, and zip members can fail their CRC-32.
+_DAMAGED_FILE_ERRORS = (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError,
+                        MemoryError, zipfile.BadZipFile, zlib.error)
+
+
 def _read_array(path: Path) -> np.ndarray:
     try:
-        loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
+        # For a .npy file a memory map checks the header's shape against the file size first.
+        loaded = np.load(path, allow_pickle=False, mmap_mode="r")
+    except _DAMAGED_FILE_ERRORS as error:
         raise CalibexportError(
             f"cannot read data file {path}: {error}; save the images with numpy.save or "
             "numpy.savez (no pickled objects)."
         ) from error
     if isinstance(loaded, np.ndarray):
-        return loaded
+        return np.array(loaded)
     with loaded:
         names = list(loaded.files)
         if not names:
@@ -147,7 +157,7 @@ def _read_array(path: Path) -> np.ndarray:
             logger.info("Using array %r of %s (arrays: %s).", name, path, ", ".join(names))
         try:
             return loaded[name]
-        except (ValueError, OSError, EOFError) as error:
+        except _DAMAGED_FILE_ERRORS as error:
             raise CalibexportError(f"cannot read array {name!r} of {path}: {error}.") from error
 
 

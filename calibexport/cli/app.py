@@ -84,7 +84,7 @@ def user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
 def main() -> None:
     # Importing the command modules registers their commands on ``app``.
     from calibexport.cli import (  # noqa: F401
-        build, calibrate, compress, fold, merge, sample, validate,
+        build, calibrate, compress, evaluate, fold, inspect, merge, sample, validate,
     )
 
     app()

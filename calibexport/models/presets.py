@@ -16,6 +16,34 @@ LINEAR_DISCRETE_1000 = {
     "num_timesteps": 1000,
 }
 
+#: Named noise schedules, usable as ``"schedule": NAME`` in a model config. ``published-linear``
+#: is the setting of the published calibrated DPM-Solver runs: the continuous linear VP schedule
+#: (beta_0 = 0.1, beta_1 = 20), model input time 1000 * max(t - 1/1000, 0), and sampling down
+#: to t_end = 1e-4. Its eta table has one row per integer model input time 0..999.
+SCHEDULE_PRESETS: dict[str, dict[str, Any]] = {
+    "published-linear": {
+        "kind": "linear",
+        "beta_0": 0.1,
+        "beta_1": 20.0,
+        "timestep_scale": 1000.0,
+        "t_shift": 0.001,
+        "t_end": 1e-4,
+        "preset": "published-linear",
+    },
+}
+
+
+def resolve_schedule(schedule: str | dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of a schedule spec; a string names an entry of ``SCHEDULE_PRESETS``."""
+    if isinstance(schedule, dict):
+        return dict(schedule)
+    if isinstance(schedule, str) and schedule in SCHEDULE_PRESETS:
+        return dict(SCHEDULE_PRESETS[schedule])
+    raise CalibexportError(
+        f"invalid schedule {schedule!r}: give a schedule object or one of the schedule presets "
+        f"{', '.join(sorted(SCHEDULE_PRESETS))}."
+    )
+
 
 #: ``ddpm_unet`` is calibexport's own UNet. The others describe networks built elsewhere: a
 #: diffusers ``UNet2DModel`` directory, a TorchScript archive, or a ``module:function`` factory.
@@ -82,7 +110,7 @@ class ModelSpec:
         prediction_type = check_prediction_type(data.get("prediction_type", "eps"))
         return cls(
             unet=UNetConfig.from_dict(data["unet"]) if architecture == "ddpm_unet" else None,
-            schedule=dict(data.get("schedule", LINEAR_DISCRETE_1000)),
+            schedule=resolve_schedule(data.get("schedule", LINEAR_DISCRETE_1000)),
             prediction_type=prediction_type,
             architecture=architecture,
             shape=None if architecture == "ddpm_unet" else _check_shape(data["image_shape"]),

@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,12 @@ from calibexport.runtime.eta_table import (
     load_eta_table,
     sidecar_path_for,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from calibexport.calibration_tables.estimate import EtaEstimate
+    from calibexport.runtime.schedule import VPSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +228,69 @@ def compress_table_file(
                 _describe(form), summary["max_abs_error"], form.nbytes, summary["full_bytes"],
                 100.0 * summary["bytes_ratio"])
     return metadata
+
+
+def estimate_eta_at(
+    model: torch.nn.Module,
+    schedule: VPSchedule,
+    data: np.ndarray,
+    t: np.ndarray,
+    *,
+    num_samples: int,
+    estimator: str | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    common_noise: bool = True,
+    progress: bool = False,
+) -> EtaEstimate:
+    """Estimate eta directly at solver times ``t`` [S] in (0, 1], including non-integer model times.
+
+    Row s of the result is E[eps_theta(alpha(t_s) x0 + sigma(t_s) e, timestep(t_s))], with the
+    model input time ``schedule.t_to_timestep(t_s)`` passed to the network as float32. The
+    estimators, sample draws and batching are those of ``estimate_eta``, with one row per
+    requested time. With ``common_noise`` (the default) every time uses the same pairs (x0, e),
+    so differences between times carry much less Monte Carlo noise than the times themselves.
+    """
+    from calibexport.calibration_tables.estimate import (
+        DEFAULT_ESTIMATOR,
+        _check_arguments,
+        accumulate_row_sums,
+        estimate_from_row_sums,
+        uniform_ranges,
+    )
+
+    times = np.asarray(t, dtype=np.float64)
+    if times.ndim != 1 or len(times) == 0 or not np.all((times > 0) & (times <= schedule.t_max)):
+        raise CalibexportError(
+            f"t must be a non-empty 1-D array of solver times in (0, {schedule.t_max}], got "
+            f"{times.ravel()[:6].tolist()}."
+        )
+    estimator = DEFAULT_ESTIMATOR if estimator is None else estimator
+    _check_arguments(data, num_samples, estimator, batch_size)
+    network = _at_timesteps(model, schedule.t_to_timestep(times))
+    sums = accumulate_row_sums(network, data, schedule.alpha(times), schedule.sigma(times),
+                               uniform_ranges(len(times), num_samples), estimator=estimator,
+                               batch_size=batch_size, seed=seed, common_noise=common_noise,
+                               progress=progress)
+    return estimate_from_row_sums(sums, seed=seed, common_noise=common_noise)
+
+
+def _at_timesteps(model: torch.nn.Module, timesteps: np.ndarray) -> torch.nn.Module:
+    """Wrap ``model`` so that the input time r (a row index) becomes ``timesteps[r]``."""
+    import torch
+
+    class AtTimesteps(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.register_buffer("timesteps", torch.tensor(timesteps, dtype=torch.float32),
+                                 persistent=False)
+
+        def forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return self.model(x, self.timesteps[rows.long()])
+
+    device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
+    return AtTimesteps().to(device)
 
 
 def _describe(form: KnotEta | LowRankEta) -> str:

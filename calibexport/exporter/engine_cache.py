@@ -194,7 +194,10 @@ def detect_gpu(device: int = 0) -> tuple[str, str]:
     if cudart is not None:
         error, properties = cudart.cudaGetDeviceProperties(device)
         if int(error) == 0:
-            name = bytes(properties.name).split(b"\0", 1)[0].decode(errors="replace").strip()
+            name = properties.name
+            if isinstance(name, (bytes, bytearray)):
+                name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
+            name = str(name).strip()
             return name, format_compute_capability(properties.major, properties.minor)
         logger.debug("cudaGetDeviceProperties(%d) failed (%s); asking nvidia-smi.", device, error)
     missing = nvidia_gpu_missing_reason()

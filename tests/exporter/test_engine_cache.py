@@ -348,3 +348,24 @@ def test_timing_cache_path_per_tensorrt_and_gpu(tmp_path):
     assert cache.timing_cache_path(make_key(profile=BatchProfile(1, 1, 1))) == path
     assert cache.timing_cache_path(make_key(gpu_name="NVIDIA L4")) != path
     assert cache.timing_cache_path(make_key(tensorrt_version="10.4.0")) != path
+
+
+@pytest.mark.parametrize("name", [b"NVIDIA H200\x00\x00\x00", "NVIDIA H200 "])
+def test_detect_gpu_reads_cuda_properties(monkeypatch, name):
+    from types import SimpleNamespace
+
+    properties = SimpleNamespace(name=name, major=9, minor=0)
+    cudart = SimpleNamespace(cudaGetDeviceProperties=lambda device: (0, properties))
+    monkeypatch.setattr(engine_cache, "import_cuda_runtime", lambda: cudart)
+    assert detect_gpu(0) == ("NVIDIA H200", "9.0")
+
+
+def test_detect_gpu_falls_back_to_nvidia_smi(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    # Error 100 is cudaErrorNoDevice; nvidia-smi is asked next.
+    cudart = SimpleNamespace(cudaGetDeviceProperties=lambda device: (100, None))
+    monkeypatch.setattr(engine_cache, "import_cuda_runtime", lambda: cudart)
+    _fake_nvidia_smi(tmp_path, "NVIDIA L4, 8.9")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert detect_gpu(0) == ("NVIDIA L4", "8.9")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,3 +102,52 @@ def test_spec_accepts_x0_and_v(prediction_type):
     data = {**get_preset("digits").to_dict(), "prediction_type": prediction_type}
 
     assert ModelSpec.from_dict(data).prediction_type == prediction_type
+
+
+# Times that the fast singlestep DPM-Solver queries at NFE 20 in the published calibrated runs.
+PUBLISHED_NFE20_TIMES = np.array([
+    1.0, 0.94730, 0.89151, 0.83204, 0.76808, 0.69853, 0.62198, 0.53674, 0.44176, 0.33928,
+    0.23886, 0.15480, 0.094623, 0.055695, 0.031752, 0.017398, 0.0089958, 0.0042846, 0.0018493,
+    0.00045066,
+])
+
+
+def test_schedule_preset_in_config():
+    from calibexport.runtime.schedule import LinearVPSchedule
+
+    data = {**get_preset("digits").to_dict(), "schedule": "published-linear"}
+    spec = ModelSpec.from_dict(data)
+    schedule = schedule_from_spec(spec.schedule)
+
+    assert spec.schedule["preset"] == "published-linear"
+    assert isinstance(schedule, LinearVPSchedule)
+    assert (schedule.beta_0, schedule.beta_1) == (0.1, 20.0)
+    assert schedule.timestep_scale == 1000.0
+    assert schedule.t_shift == 0.001
+    assert schedule.default_t_end == spec.schedule["t_end"] == 1e-4
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))).schedule == spec.schedule
+
+
+def test_published_linear_table_grid():
+    from calibexport.calibration_tables.estimate import table_coefficients
+    from calibexport.models.presets import resolve_schedule
+
+    schedule = schedule_from_spec(resolve_schedule("published-linear"))
+    alpha, sigma = table_coefficients(schedule)
+    timesteps = schedule.t_to_timestep(PUBLISHED_NFE20_TIMES)
+
+    # One row per integer model input time 1000 * max(t - 1/1000, 0) from 0 to 999.
+    assert len(alpha) == 1000
+    np.testing.assert_allclose(alpha[[0, 500, 999]], schedule.alpha(np.array([1e-3, 0.501, 1.0])))
+    np.testing.assert_allclose(alpha**2 + sigma**2, 1.0)
+    assert schedule.t_to_timestep(np.array(1e-4)) == 0.0
+    assert timesteps[0] == pytest.approx(999.0)
+    assert timesteps[-1] == 0.0
+    assert np.all((timesteps >= 0) & (timesteps <= 999))
+
+
+def test_unknown_schedule_preset():
+    data = {**get_preset("digits").to_dict(), "schedule": "cosine-ish"}
+
+    with pytest.raises(CalibexportError, match="invalid schedule 'cosine-ish'.*published-linear"):
+        ModelSpec.from_dict(data)

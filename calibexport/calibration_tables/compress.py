@@ -223,6 +223,7 @@ def compress_table_file(
                        max_error)
     metadata = dict(table.metadata) if table.metadata is not None else _bare_sidecar(table.values)
     metadata["compression"] = summary
+    metadata["eta_sha256"] = form.sha256
     save_compressed_table(out, form, metadata)
     logger.info("Compressed %s: %s, maximum error %.3g, %d of %d bytes (%.1f%%).", table.path,
                 _describe(form), summary["max_abs_error"], form.nbytes, summary["full_bytes"],
@@ -273,6 +274,46 @@ def estimate_eta_at(
                                batch_size=batch_size, seed=seed, common_noise=common_noise,
                                progress=progress)
     return estimate_from_row_sums(sums, seed=seed, common_noise=common_noise)
+
+
+def interpolation_bias(
+    model: torch.nn.Module,
+    schedule: VPSchedule,
+    data: np.ndarray,
+    timesteps: np.ndarray,
+    *,
+    num_samples: int,
+    estimator: str | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> tuple[np.ndarray, EtaEstimate]:
+    """Measure how far eta at model input times ``timesteps`` [S] is from the table's rule.
+
+    eta is estimated at each time and at its neighbouring rows floor(t) and floor(t) + 1 with
+    common random numbers, and the result is eta(t) minus the linear interpolation of the two
+    rows, float64 [S, C, H, W]. Because all three estimates use the same samples, most of their
+    Monte Carlo noise cancels in this difference. Also returns the direct estimate at the times.
+    """
+    from calibexport.calibration_tables.estimate import table_coefficients
+
+    timesteps = np.asarray(timesteps, dtype=np.float64)
+    last = len(table_coefficients(schedule)[0]) - 1
+    lower = np.clip(np.floor(timesteps), 0, last)
+    upper = np.minimum(lower + 1, last)
+    times = np.concatenate([timesteps, lower, upper])
+    estimate = estimate_eta_at(model, schedule, data, schedule.timestep_to_t(times),
+                               num_samples=num_samples, estimator=estimator,
+                               batch_size=batch_size, seed=seed)
+    count = len(timesteps)
+    middle, low, high = (estimate.eta[i * count:(i + 1) * count].astype(np.float64)
+                         for i in range(3))
+    weight = (np.clip(timesteps, 0, last) - lower)[:, None, None, None]
+    bias = middle - (low + weight * (high - low))
+    direct = estimate
+    direct.eta, direct.standard_error = estimate.eta[:count], estimate.standard_error[:count]
+    if direct.row_samples is not None:
+        direct.row_samples = direct.row_samples[:count]
+    return bias, direct
 
 
 def _at_timesteps(model: torch.nn.Module, timesteps: np.ndarray) -> torch.nn.Module:

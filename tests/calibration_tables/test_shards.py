@@ -232,3 +232,18 @@ def test_merge_rejects_other_files(tmp_path: Path) -> None:
         merge_partials([stale])
     with pytest.raises(CalibexportError, match="no partial-sum files given"):
         merge_partials([])
+
+
+def test_linear_schedule_shards_match(unet, images) -> None:
+    from calibexport.runtime.schedule import LinearVPSchedule
+
+    # The continuous schedule with model time 15 * max(t - 1/15, 0): one row per time 0..14.
+    schedule = LinearVPSchedule(timestep_scale=15.0, t_shift=1.0 / 15.0)
+    options = {"num_samples": 4, "batch_size": 12}
+    single = estimate_eta(unet, schedule, images, progress=False, **options)
+    partials = [estimate_partial(unet, schedule, images, shard=Shard(index, 2), progress=False,
+                                 **options) for index in range(2)]
+
+    assert single.eta.shape == (15, 1, 8, 8)
+    assert np.array_equal(merged_estimate(partials).eta, single.eta)
+    assert partials[0].metadata["schedule"]["kind"] == "linear"

@@ -30,6 +30,9 @@ def evaluate(
         help="Order allocations: fixed (NFE // order steps of one order) and/or fast.",
     ),
     seeds: str = typer.Option("0,1,2", help="Noise seeds, comma-separated; one sample set each."),
+    variants: str = typer.Option(
+        "uncalibrated,calibrated", help="Model variants to sample: uncalibrated and/or calibrated."
+    ),
     num_samples: int = typer.Option(500, "-n", "--num-samples", help="Samples per seed and config."),
     batch_size: int = typer.Option(250, help="Images per network call."),
     backend: str = typer.Option(
@@ -67,6 +70,7 @@ def evaluate(
     options = EvaluationOptions(
         settings=parse_settings(settings), orders=parse_int_list(orders, "orders"),
         nfes=parse_int_list(nfe, "nfe"), seeds=parse_int_list(seeds, "seeds"),
+        variants=tuple(item.strip() for item in variants.split(",") if item.strip()),
         num_samples=num_samples, batch_size=batch_size,
     )
     spaces = tuple(item.strip() for item in features.split(",") if item.strip())
@@ -74,7 +78,8 @@ def evaluate(
         configs = options.configs()
         typer.echo(
             f"{len(configs)} configs, {len(unique_sample_sets(configs))} distinct sample sets, "
-            f"2 variants, {len(options.seeds)} seeds, {num_samples} samples: "
+            f"{len(options.calibrated_flags())} variants, {len(options.seeds)} seeds, "
+            f"{num_samples} samples: "
             f"{options.network_evaluations()} network evaluations."
         )
         return

@@ -88,9 +88,12 @@ def _shift_batch(images: torch.Tensor, generator: torch.Generator, max_shift: in
     padded = torch.nn.functional.pad(images, (max_shift,) * 4, value=-1.0)
     shifts = torch.randint(0, 2 * max_shift + 1, (len(images), 2), generator=generator)
     size = images.shape[-1]
-    return torch.stack(
-        [padded[i, :, dy : dy + size, dx : dx + size] for i, (dy, dx) in enumerate(shifts.tolist())]
-    )
+    shifted = torch.empty_like(images)
+    # One slice per distinct (dy, dx) pair instead of one per image.
+    for dy, dx in torch.unique(shifts, dim=0).tolist():
+        chosen = (shifts[:, 0] == dy) & (shifts[:, 1] == dx)
+        shifted[chosen] = padded[chosen, :, dy : dy + size, dx : dx + size]
+    return shifted
 
 
 def train_classifier(

@@ -8,8 +8,10 @@ minus ``EtaTable.at(timestep)``, the numpy reference of the rule the ONNX eta fo
 Both variants start from the same noise (sample i of seed s is seeded by (s, i)), so their
 difference is a paired comparison.
 
-Samples are cached as ``.npy`` files under ``work_dir/samples``. A rerun with the same
-settings reuses them, so an interrupted evaluation resumes where it stopped.
+Samples are cached as ``.npy`` files under ``work_dir/samples``: uncalibrated ones in
+``uncalibrated/`` and calibrated ones in ``calibrated-<first 12 hex digits of the eta sha256>/``.
+A rerun with the same settings reuses them, so an interrupted evaluation resumes where it
+stopped, and another eta table for the same model reuses the uncalibrated samples.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ logger = logging.getLogger(__name__)
 FeatureFn = Callable[[np.ndarray], np.ndarray]
 SETTINGS_FILE = "settings.json"
 VARIANTS = {False: "uncalibrated", True: "calibrated"}
+VARIANT_NAMES = tuple(VARIANTS.values())
 
 
 @dataclass
@@ -63,6 +66,8 @@ class EvaluationOptions:
     orders: tuple[int, ...] = PAPER_ORDERS
     nfes: tuple[int, ...] = PAPER_NFES
     seeds: tuple[int, ...] = (0, 1, 2)
+    #: Subset of ``VARIANT_NAMES`` to sample.
+    variants: tuple[str, ...] = VARIANT_NAMES
     num_samples: int = 500
     batch_size: int = 250
     spacing: str = "logSNR"
@@ -72,8 +77,19 @@ class EvaluationOptions:
     def configs(self) -> list[SolverConfig]:
         return plan_configs(self.settings, self.orders, self.nfes)
 
+    def calibrated_flags(self) -> tuple[bool, ...]:
+        """Return the variants to sample as flags, uncalibrated first."""
+        unknown = [name for name in self.variants if name not in VARIANT_NAMES]
+        if unknown or not self.variants:
+            raise CalibexportError(
+                f"variants {list(self.variants)} are invalid; valid variants: "
+                f"{', '.join(VARIANT_NAMES)}."
+            )
+        return tuple(flag for flag, name in VARIANTS.items() if name in self.variants)
+
     def network_evaluations(self) -> int:
-        return network_evaluations(self.configs(), self.num_samples, len(self.seeds))
+        return network_evaluations(self.configs(), self.num_samples, len(self.seeds),
+                                   len(self.calibrated_flags()))
 
 
 class OffsetBackend(EpsBackend):
@@ -105,7 +121,7 @@ class _Unit:
 
     @property
     def name(self) -> str:
-        return f"{self.config.sample_key}-{VARIANTS[self.calibrated]}-seed{self.seed}"
+        return f"{self.config.sample_key}-seed{self.seed}"
 
 
 @dataclass
@@ -188,7 +204,14 @@ class Evaluation:
         if self.context.is_main:
             self.reference = {name: gaussian_stats(fn(reference)) for name, fn in features.items()}
         self.num_reference = int(len(reference))
-        self.metrics: dict[str, dict[str, dict[str, float]]] = {}
+        self.folders = {
+            False: self.work_dir / "samples" / "uncalibrated",
+            True: self.work_dir / "samples" / f"calibrated-{table.sha256[:12]}",
+        }
+        if self.context.is_main:
+            for calibrated in options.calibrated_flags():
+                self.folders[calibrated].mkdir(parents=True, exist_ok=True)
+        self.metrics: dict[tuple[bool, str], dict[str, dict[str, float]]] = {}
 
     def run(self, on_pass: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Sample every unit, seed by seed; call ``on_pass(results)`` on rank 0 after each seed."""
@@ -197,7 +220,7 @@ class Evaluation:
         completed: list[int] = []
         for seed in self.options.seeds:
             for config in unique:
-                for calibrated in (False, True):
+                for calibrated in self.options.calibrated_flags():
                     self._run_unit(_Unit(config, calibrated, seed), progress)
             completed.append(seed)
             if self.context.is_main and on_pass is not None:
@@ -206,7 +229,7 @@ class Evaluation:
         return self.results(completed) if self.context.is_main else {}
 
     def _run_unit(self, unit: _Unit, progress: _Progress) -> None:
-        path = self.work_dir / "samples" / f"{unit.name}.npy"
+        path = self.folders[unit.calibrated] / f"{unit.name}.npy"
         cached = self.context.broadcast(path.is_file() if self.context.is_main else None)
         evaluations = unit.config.actual_nfe * self.options.num_samples
         start = time.perf_counter()
@@ -226,7 +249,7 @@ class Evaluation:
         if not cached:
             progress.seconds += seconds
         if self.context.is_main:
-            self.metrics[unit.name] = self._measure(samples)
+            self.metrics[unit.calibrated, unit.name] = self._measure(samples)
             self._log_unit(unit, cached, seconds, evaluations, progress)
 
     def _measure(self, samples: np.ndarray) -> dict[str, dict[str, float]]:
@@ -247,7 +270,8 @@ class Evaluation:
     def _log_unit(self, unit: _Unit, cached: bool, seconds: float, evaluations: int,
                   progress: _Progress) -> None:
         config = unit.config
-        fds = ", ".join(f"{k} {v['fd']:.4g}" for k, v in self.metrics[unit.name].items())
+        measured = self.metrics[unit.calibrated, unit.name]
+        fds = ", ".join(f"{space} {value['fd']:.4g}" for space, value in measured.items())
         rate = progress.done / progress.seconds if progress.seconds > 0 else float("nan")
         remaining = (progress.total - progress.done) / rate if progress.seconds > 0 else 0.0
         how = "cached" if cached else f"{seconds:.1f}s, {evaluations / max(seconds, 1e-9):.0f} eval/s"
@@ -261,11 +285,11 @@ class Evaluation:
         """Return the JSON-serialisable results of the seeds in ``seeds``."""
         rows = []
         for config in self.options.configs():
-            for calibrated in (False, True):
+            for calibrated in self.options.calibrated_flags():
                 names = [_Unit(config, calibrated, seed).name for seed in seeds]
                 metrics = {
                     space: {
-                        key: [self.metrics[name][space][key] for name in names]
+                        key: [self.metrics[calibrated, name][space][key] for name in names]
                         for key in ("fd", "mean_term")
                     }
                     for space in self.features
@@ -295,6 +319,12 @@ class ModelInputs:
     config: str | None = None
     weights: str = "ema"
     allow_mismatch: bool = False
+
+
+def _eta_summary(table: EtaTable) -> dict[str, Any]:
+    """Return the estimation settings recorded in the table's sidecar (empty without one)."""
+    metadata = table.metadata or {}
+    return {key: metadata[key] for key in ("num_samples", "estimator", "seed") if key in metadata}
 
 
 def _open_backend(name: str, loaded: Any, image_shape: tuple[int, int, int], work_dir: Path,
@@ -374,7 +404,9 @@ def evaluate_model(
     from calibexport.runtime.schedule import schedule_from_spec
 
     context = context or RankContext()
-    options.configs()  # checks the grid before anything is loaded
+    # Check the grid and the variants before anything is loaded.
+    options.configs()
+    options.calibrated_flags()
     loaded = load_model(inputs.model, config=inputs.config, weights=inputs.weights)
     table = load_eta_table(inputs.eta)
     check_eta_matches_model(table, loaded, inputs.allow_mismatch)
@@ -384,7 +416,7 @@ def evaluate_model(
     reference = load_data(inputs.data, channels=unet.in_channels, resolution=unet.resolution)
 
     fingerprint = {
-        "model_weights_sha256": loaded.weights_sha256, "eta_sha256": table.sha256,
+        "model_weights_sha256": loaded.weights_sha256,
         "schedule": loaded.spec.schedule, "backend": backend,
         "num_samples": options.num_samples, "spacing": options.spacing,
         "t_end": options.t_end, "denoise_to_zero": options.denoise_to_zero,
@@ -399,14 +431,16 @@ def evaluate_model(
     evaluation = Evaluation(engine, table, schedule, reference, features, options, out_dir,
                             context)
     logger.info(
-        "Evaluating %d configs (%d distinct sample sets) x 2 variants x %d seeds x %d samples: "
+        "Evaluating %d configs (%d distinct sample sets) x %d variants x %d seeds x %d samples: "
         "%d network evaluations on %d rank(s).", len(options.configs()),
-        len(unique_sample_sets(options.configs())), len(options.seeds), options.num_samples,
+        len(unique_sample_sets(options.configs())), len(options.calibrated_flags()),
+        len(options.seeds), options.num_samples,
         options.network_evaluations(), context.world_size,
     )
 
     def on_pass(results: dict[str, Any]) -> None:
-        results["inputs"] = {**{k: str(v) for k, v in asdict(inputs).items()}, **fingerprint}
+        results["inputs"] = {**{k: str(v) for k, v in asdict(inputs).items()}, **fingerprint,
+                             "eta_sha256": table.sha256, "eta": _eta_summary(table)}
         paths = write_outputs(results, out_dir)
         logger.info("Wrote %s after seeds %s.", ", ".join(map(str, paths)),
                     results["seeds_completed"])

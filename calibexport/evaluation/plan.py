@@ -115,7 +115,9 @@ def unique_sample_sets(configs: Sequence[SolverConfig]) -> dict[str, SolverConfi
     return unique
 
 
-def network_evaluations(configs: Sequence[SolverConfig], num_samples: int, seeds: int) -> int:
-    """Return the network evaluations needed for the distinct sample sets, calibrated and not."""
+def network_evaluations(
+    configs: Sequence[SolverConfig], num_samples: int, seeds: int, variants: int = 2
+) -> int:
+    """Return the network evaluations needed for the distinct sample sets of ``variants``."""
     per_sample = sum(config.actual_nfe for config in unique_sample_sets(configs).values())
-    return 2 * per_sample * num_samples * seeds
+    return variants * per_sample * num_samples * seeds

@@ -50,6 +50,10 @@ def _rows_by_key(results: dict[str, Any]) -> dict[tuple[str, int, int, bool], di
     }
 
 
+def _variants(results: dict[str, Any]) -> list[bool]:
+    return sorted({row["calibrated"] for row in results["rows"]})
+
+
 def _grid(results: dict[str, Any]) -> tuple[list[str], list[int], list[int]]:
     rows = results["rows"]
     settings = list(dict.fromkeys(row["setting"] for row in rows))
@@ -74,7 +78,7 @@ def distance_table(results: dict[str, Any], space: str, setting: str) -> str:
     lines = ["| method | " + " | ".join(f"NFE {nfe}" for nfe in nfes) + " |",
              "|---|" + "---:|" * len(nfes)]
     for order in orders:
-        for calibrated in (False, True):
+        for calibrated in _variants(results):
             label = f"DPM-Solver-{order}" + (" + calibration" if calibrated else "")
             cells = []
             for nfe in nfes:
@@ -118,6 +122,8 @@ def markdown_report(results: dict[str, Any]) -> str:
         for setting in settings:
             title = f"{SPACE_TITLES.get(space, space)}; {SETTING_TITLES.get(setting, setting)}"
             parts.append(f"### {title}\n\n{distance_table(results, space, setting)}")
+            if len(_variants(results)) < 2:
+                continue
             parts.append(
                 "Calibrated minus uncalibrated (paired by seed; bold: more than 2 standard "
                 f"errors from zero):\n\n{difference_table(results, space, setting)}"
@@ -144,7 +150,7 @@ def plot_results(results: dict[str, Any], path: str | Path) -> None:
         for j, setting in enumerate(settings):
             axis = axes[i][j]
             for order, colour in zip(orders, ("tab:blue", "tab:orange", "tab:green")):
-                for calibrated in (False, True):
+                for calibrated in _variants(results):
                     selected = [rows[(setting, order, nfe, calibrated)] for nfe in nfes]
                     stats = [mean_and_se(row["metrics"][space]["fd"]) for row in selected]
                     axis.errorbar(

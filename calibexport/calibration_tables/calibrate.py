@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
 from pathlib import Path
 
@@ -13,9 +14,25 @@ from calibexport.calibration_tables.table_io import build_sidecar, save_eta_tabl
 from calibexport.errors import CalibexportError
 from calibexport.models.eps_adapter import as_eps_network
 from calibexport.models.loaders import load_model
+from calibexport.runtime.eta_table import resolve_table_path
 from calibexport.runtime.schedule import schedule_from_spec
 
 logger = logging.getLogger(__name__)
+
+
+def check_output_folder(folder: Path) -> None:
+    """Raise before any estimation when files cannot be created in ``folder``.
+
+    Nothing is created here: the nearest existing ancestor must be a writable directory.
+    """
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CalibexportError(
+            f"cannot write the output to {folder}: {existing} is not a writable directory; "
+            "choose another --out."
+        )
 
 
 def calibrate_to_file(
@@ -42,6 +59,7 @@ def calibrate_to_file(
     and rank 0 writes the table. ``common_noise``, ``target_se`` and ``max_samples`` are passed
     to ``estimate_eta``; a shard cannot sample to a target, because that needs all rows' sums.
     """
+    check_output_folder(resolve_table_path(out).parent)
     loaded = load_model(model, config=config, weights=weights)
     channels, resolution, _ = loaded.spec.image_shape
     images = load_data(data, channels=channels, resolution=resolution)

@@ -11,7 +11,8 @@ which equals (1/2) ||eta_k||^2 when eta = m_k. In the score parameterisation s =
 the decrease is (1/2) ||eta_k||^2 / sigma_t^2, and its integral against g(t)^2 is the decrease
 of the likelihood bound of the diffusion SDE:
 
-    int g(t)^2 / (2 sigma_t^2) ||eta_t||^2 dt,    g(t)^2 = d sigma_t^2/dt - 2 (d log alpha_t/dt) sigma_t^2.
+    int g(t)^2 / (2 sigma_t^2) ||eta_t||^2 dt,
+    g(t)^2 = d sigma_t^2/dt - 2 (d log alpha_t/dt) sigma_t^2.
 
 For a VP schedule (alpha_t^2 + sigma_t^2 = 1) this is g(t)^2 = -2 d log alpha_t / dt, the
 beta(t) of the SDE. ``likelihood_weight`` differentiates the schedule's ``log_alpha``

@@ -1,4 +1,4 @@
-"""Tests for the variance-reduced eta estimators against the exact noise prediction of Gaussian data.
+"""Tests for the variance-reduced eta estimators against the exact eps of Gaussian data.
 
 For x0 ~ N(mean, std^2) per channel, eps*(x_t) = (alpha sigma / s^2)(x0 - mean) + (sigma^2 / s^2) e
 with s^2 = alpha^2 std^2 + sigma^2, so the optimal regression coefficient b = sigma^2 / s^2 and the

@@ -37,7 +37,7 @@ OFFSET = np.array([0.3, -0.2]).reshape(2, 1, 1)
 
 
 class OffsetGaussianEps(torch.nn.Module):
-    """Exact noise prediction for ``GAUSSIAN`` plus a constant per-channel offset, so eta = OFFSET."""
+    """Exact noise prediction for ``GAUSSIAN`` plus a per-channel offset, so eta = OFFSET."""
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         rows = timestep.numpy().astype(np.int64)

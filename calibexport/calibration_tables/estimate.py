@@ -89,13 +89,14 @@ class EtaEstimate:
             row_samples = np.full(len(self.eta), self.num_samples, dtype=np.int64)
         else:
             row_samples = np.asarray(self.row_samples, dtype=np.int64)
-        relative = relative_standard_error(self.eta, self.standard_error)
+        # A row with eta = 0 and a non-zero SE has an infinite ratio, which JSON cannot hold.
+        largest = float(relative_standard_error(self.eta, self.standard_error).max())
         return {
             "row_samples": [int(count) for count in row_samples],
             "total_evaluations": int(row_samples.sum()),
             "common_noise": bool(self.common_noise),
             "target_relative_se": self.target_se,
-            "max_relative_se": float(relative.max()),
+            "max_relative_se": largest if np.isfinite(largest) else None,
         }
 
 
@@ -206,6 +207,11 @@ def estimate_eta(
     below ``target_se`` or the row has ``max_samples`` evaluations (see
     ``calibexport.calibration_tables.allocation``).
     """
+    from calibexport.calibration_tables.allocation import (
+        relative_standard_error,
+        sample_to_target,
+    )
+
     estimator = DEFAULT_ESTIMATOR if estimator is None else estimator
     _check_arguments(data, num_samples, estimator, batch_size)
     alpha, sigma = table_coefficients(schedule)
@@ -226,8 +232,6 @@ def estimate_eta(
         sums = accumulate_row_sums(model, data, alpha, sigma,
                                    uniform_ranges(num_rows, num_samples), **options)
     else:
-        from calibexport.calibration_tables.allocation import sample_to_target
-
         def accumulate(ranges: np.ndarray) -> RowSums:
             return accumulate_row_sums(model, data, alpha, sigma, ranges, **options)
 
@@ -242,7 +246,7 @@ def estimate_eta(
         "Estimated eta in %.1fs: %d evaluations (%.0f evaluations/s); max per-pixel standard "
         "error %.3g, max relative standard error %.3g.",
         seconds, total, total / max(seconds, 1e-9), float(result.standard_error.max()),
-        result.sampling_summary()["max_relative_se"],
+        float(relative_standard_error(result.eta, result.standard_error).max()),
     )
     return result
 

@@ -264,3 +264,16 @@ def test_rejects_invalid_ranges(ranges: np.ndarray, estimator: str, message: str
     zeros = np.zeros((2, 1, 2, 2), dtype=np.float32)
     with pytest.raises(CalibexportError, match=message):
         accumulate_row_sums(Identity(), zeros, ALPHA, SIGMA, ranges, estimator=estimator)
+
+
+def test_summary_of_zero_eta_row() -> None:
+    # Row 0 has eta = 0 with a non-zero standard error, an infinite relative standard error.
+    estimate = estimate_from_row_sums(accumulate_row_sums(
+        Identity(), np.zeros((2, 1, 2, 2), dtype=np.float32), ALPHA, SIGMA,
+        uniform_ranges(20, 4), estimator="naive"))
+    estimate.eta[0] = 0.0
+    summary = estimate.sampling_summary()
+
+    assert summary["max_relative_se"] is None
+    assert summary["total_evaluations"] == 80
+    assert summary["row_samples"] == [4] * 20

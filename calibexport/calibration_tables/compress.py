@@ -49,7 +49,7 @@ def compress_knots(
     """Choose knot times for ``eta`` [T, C, H, W] greedily and return the ``KnotEta`` form.
 
     Knots are added until the maximum absolute interpolation error is at most ``max_error`` or
-    there are ``num_knots`` knots, whichever comes first; at least one of the two must be given.
+    there are ``num_knots`` knots, whichever comes first. At least one of the two is required.
     The error is measured in float64 against the float32 knot rows.
     """
     table = _checked_table(eta)
@@ -87,7 +87,7 @@ def compress_lowrank(
     """Return the truncated SVD of ``eta`` [T, C, H, W] as ``LowRankEta``.
 
     The rank is the smallest whose float32 reconstruction has a maximum absolute error of at
-    most ``max_error``, capped at ``rank``; at least one of the two must be given.
+    most ``max_error``, capped at ``rank``. At least one of the two is required.
     """
     table = _checked_table(eta)
     _check_limits(max_error, rank, "rank", minimum=1)
@@ -198,11 +198,14 @@ def compress_table_file(
 ) -> dict[str, Any]:
     """Compress the dense table at ``source`` into ``out`` (.npz); return the new sidecar."""
     if kind not in KINDS:
-        raise CalibexportError(f"unknown compression kind {kind!r}; valid kinds: {', '.join(KINDS)}.")
+        raise CalibexportError(
+            f"unknown compression kind {kind!r}; valid kinds: {', '.join(KINDS)}."
+        )
     table = load_eta_table(source)
     if table.compressed is not None:
         raise CalibexportError(
-            f"{table.path} is already a {table.compressed.kind!r} table; compress the dense eta.npy."
+            f"{table.path} is already a {table.compressed.kind!r} table; compress the dense "
+            "eta.npy instead."
         )
     if kind == "knots":
         if rank is not None:

@@ -95,7 +95,7 @@ class Shard:
 class BatchPlan:
     """The evaluation stream of one ``accumulate_row_sums`` call and its batches.
 
-    ``ranges`` [T, 2] holds each row's evaluation indices [start, stop). The stream lists them
+    ``ranges`` [T, 2] contains each row's evaluation indices [start, stop). The stream lists them
     row after row, and batch b is stream positions [b * batch_size, (b + 1) * batch_size).
     """
 
@@ -228,7 +228,8 @@ def finalize(partial: PartialSums) -> EtaEstimate:
 def shard_file_path(out: str | Path, shard: Shard) -> Path:
     """Return the partial-sum file for ``out``: a ``.npz`` as given, else named after the shard.
 
-    ``dir/eta.npy`` gives ``dir/eta.shard-2-of-4.npz``; a folder gives ``folder/eta.shard-2-of-4.npz``.
+    ``dir/eta.npy`` gives ``dir/eta.shard-2-of-4.npz``, and a folder ``dir`` gives the same
+    file inside it.
     """
     out = Path(out)
     name = f"shard-{shard.index + 1}-of-{shard.count}.npz"
@@ -276,10 +277,11 @@ def load_partial(path: str | Path) -> PartialSums:
             f"{path} is not a partial-sum file: the arrays {sorted(missing)} are missing."
         )
     metadata = json.loads(str(arrays.pop("metadata")))
-    if metadata.get("format") != PARTIAL_FORMAT or metadata.get("format_version") != PARTIAL_VERSION:
+    version = metadata.get("format_version")
+    if metadata.get("format") != PARTIAL_FORMAT or version != PARTIAL_VERSION:
         raise CalibexportError(
             f"{path} has format {metadata.get('format')!r} version "
-            f"{metadata.get('format_version')!r}; expected {PARTIAL_FORMAT!r} version "
+            f"{version!r}; expected {PARTIAL_FORMAT!r} version "
             f"{PARTIAL_VERSION}. Run its shard again with this calibexport."
         )
     sums = RowSums(metadata["estimator"], **{name: arrays.get(name) for name in SUM_ARRAYS})

@@ -22,12 +22,12 @@ def compress(
         "(truncated SVD in time)."
     ),
     max_error: Optional[float] = typer.Option(
-        None, "--max-error", help="Largest absolute difference from the full table, in eps units."
+        None, "--max-error", help="Maximum absolute difference from the full table, in eps units."
     ),
     num_knots: Optional[int] = typer.Option(
-        None, "--num-knots", help="Most knots to keep (knots only)."
+        None, "--num-knots", help="Maximum number of knots (knots only)."
     ),
-    rank: Optional[int] = typer.Option(None, "--rank", help="Largest rank (lowrank only)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Maximum rank (lowrank only)."),
 ) -> None:
     """Compress an eta table to knots or a low rank in time; build folds the result as it is."""
     from calibexport.calibration_tables.compress import compress_table_file

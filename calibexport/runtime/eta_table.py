@@ -72,8 +72,8 @@ class EtaTable:
     """Calibration offsets eta for every model input time, with the sidecar metadata.
 
     ``values`` is the dense float32 table [T, C, H, W]. For a table read from a compressed file,
-    ``compressed`` is its ``KnotEta`` or ``LowRankEta`` form, ``values`` holds that form's rows at
-    the integer times, and ``at`` and ``sha256`` use the compressed form.
+    ``compressed`` is its ``KnotEta`` or ``LowRankEta`` form, ``values`` contains that form's rows
+    at the integer times, and ``at`` and ``sha256`` use the compressed form.
     """
 
     values: np.ndarray
@@ -110,7 +110,9 @@ class EtaTable:
         return _interpolate_rows(self.values.__getitem__, timestep, self.num_timesteps)
 
 
-def neighbour_rows(timestep: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def neighbour_rows(
+    timestep: np.ndarray, num_rows: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return (lo, hi, w) of the interpolation rule for model input times ``timestep`` [B].
 
     ``lo = floor(t')`` and ``hi = min(lo + 1, T-1)`` are int64 and ``w = t' - lo`` is float32,

@@ -109,7 +109,10 @@ def test_compress_rejects_invalid(call, message: str) -> None:
 @pytest.mark.parametrize("kind", ["knots", "lowrank"])
 def test_compressed_at_matches_dense_rule(kind: str) -> None:
     table = smooth_table()
-    form = compress_knots(table, num_knots=7) if kind == "knots" else compress_lowrank(table, rank=2)
+    if kind == "knots":
+        form = compress_knots(table, num_knots=7)
+    else:
+        form = compress_lowrank(table, rank=2)
     dense = EtaTable(values=form.dense())
     times = np.concatenate([np.linspace(-3.0, 62.0, 131), np.arange(60.0)])
 
@@ -129,7 +132,10 @@ def test_knot_rows_between_knots_are_linear() -> None:
 @pytest.mark.parametrize("kind", ["knots", "lowrank"])
 def test_compressed_file_round_trip(tmp_path: Path, kind: str) -> None:
     table = smooth_table()
-    form = compress_knots(table, num_knots=9) if kind == "knots" else compress_lowrank(table, rank=3)
+    if kind == "knots":
+        form = compress_knots(table, num_knots=9)
+    else:
+        form = compress_lowrank(table, rank=3)
     path = save_compressed_table(tmp_path / "eta.npz", form, {"compression": {"kind": kind}})
     loaded = load_eta_table(tmp_path)
     sidecar = json.loads((tmp_path / "eta.json").read_text())

@@ -132,6 +132,7 @@ def estimate_eta_torchrun(
     estimator = DEFAULT_ESTIMATOR if estimator is None else estimator
     _check_arguments(data, num_samples, estimator, batch_size)
     alpha, sigma = table_coefficients(schedule)
+    # NOTE: only the gloo path on CPU is covered by tests; the NCCL path has not run on a GPU host.
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     device = torch.device(f"cuda:{env.local_rank}" if backend == "nccl" else "cpu")
     if backend == "nccl":

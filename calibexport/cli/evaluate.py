@@ -33,7 +33,9 @@ def evaluate(
     variants: str = typer.Option(
         "uncalibrated,calibrated", help="Model variants to sample: uncalibrated and/or calibrated."
     ),
-    num_samples: int = typer.Option(500, "-n", "--num-samples", help="Samples per seed and config."),
+    num_samples: int = typer.Option(
+        500, "-n", "--num-samples", help="Samples per seed and config."
+    ),
     batch_size: int = typer.Option(250, help="Images per network call."),
     backend: str = typer.Option(
         "onnxruntime", help="onnxruntime (an export of the network in --out) or torch."
@@ -93,4 +95,6 @@ def evaluate(
     finally:
         context.close()
     if context.is_main:
-        typer.echo(f"Wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'fd_vs_nfe.png'}")
+        outputs = ("results.md", "results.json", "fd_vs_nfe.png")
+        names = ", ".join(str(out / name) for name in outputs)
+        typer.echo(f"Wrote {names}")

@@ -71,7 +71,7 @@ class RankContext:
 
 
 def rank_context() -> RankContext:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1, else return a single-rank context."""
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1; else return a single rank."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return RankContext()

@@ -170,8 +170,9 @@ def prepare_work_dir(work_dir: Path, fingerprint: dict[str, Any], overwrite: boo
                     f"{', '.join(changed)}); pass --overwrite to delete them or choose "
                     "another --out."
                 )
-            logger.info("Deleting cached samples of other settings in %s.", work_dir)
+            logger.info("Deleting cached samples and network of other settings in %s.", work_dir)
             shutil.rmtree(work_dir / "samples", ignore_errors=True)
+            (work_dir / "network.onnx").unlink(missing_ok=True)
     (work_dir / "samples").mkdir(exist_ok=True)
     settings_path.write_text(text)
 
@@ -274,7 +275,9 @@ class Evaluation:
         fds = ", ".join(f"{space} {value['fd']:.4g}" for space, value in measured.items())
         rate = progress.done / progress.seconds if progress.seconds > 0 else float("nan")
         remaining = (progress.total - progress.done) / rate if progress.seconds > 0 else 0.0
-        how = "cached" if cached else f"{seconds:.1f}s, {evaluations / max(seconds, 1e-9):.0f} eval/s"
+        how = "cached"
+        if not cached:
+            how = f"{seconds:.1f}s, {evaluations / max(seconds, 1e-9):.0f} eval/s"
         logger.info(
             "%s order %d NFE %d (real %d) %s seed %d: %s; FD %s. Done %d%%, about %.0f min left.",
             config.setting, config.order, config.nfe, config.actual_nfe, VARIANTS[unit.calibrated],
@@ -380,6 +383,16 @@ def _feature_functions(spaces: Sequence[str], classifier: Path | None,
     return functions
 
 
+def _log_plan(options: EvaluationOptions, context: RankContext) -> None:
+    configs = options.configs()
+    logger.info(
+        "Evaluating %d configs (%d distinct sample sets) x %d variants x %d seeds x %d samples: "
+        "%d network evaluations on %d rank(s).", len(configs), len(unique_sample_sets(configs)),
+        len(options.calibrated_flags()), len(options.seeds), options.num_samples,
+        options.network_evaluations(), context.world_size,
+    )
+
+
 def evaluate_model(
     inputs: ModelInputs,
     options: EvaluationOptions,
@@ -415,6 +428,8 @@ def evaluate_model(
     features = _feature_functions(feature_spaces, classifier, image_shape)
     reference = load_data(inputs.data, channels=unet.in_channels, resolution=unet.resolution)
 
+    # Everything that changes the samples; the eta table only changes the calibrated ones,
+    # which are cached in a folder named after its digest.
     fingerprint = {
         "model_weights_sha256": loaded.weights_sha256,
         "schedule": loaded.spec.schedule, "backend": backend,
@@ -423,20 +438,12 @@ def evaluate_model(
     }
     if context.is_main:
         prepare_work_dir(out_dir, fingerprint, overwrite)
-        if overwrite:
-            (out_dir / "network.onnx").unlink(missing_ok=True)
     context.barrier()
     engine = _open_backend(backend, loaded, image_shape, out_dir, context, threads)
     schedule = schedule_from_spec(loaded.spec.schedule)
     evaluation = Evaluation(engine, table, schedule, reference, features, options, out_dir,
                             context)
-    logger.info(
-        "Evaluating %d configs (%d distinct sample sets) x %d variants x %d seeds x %d samples: "
-        "%d network evaluations on %d rank(s).", len(options.configs()),
-        len(unique_sample_sets(options.configs())), len(options.calibrated_flags()),
-        len(options.seeds), options.num_samples,
-        options.network_evaluations(), context.world_size,
-    )
+    _log_plan(options, context)
 
     def on_pass(results: dict[str, Any]) -> None:
         results["inputs"] = {**{k: str(v) for k, v in asdict(inputs).items()}, **fingerprint,

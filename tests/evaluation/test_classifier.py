@@ -83,12 +83,13 @@ def test_train_save_load_roundtrip(tmp_path):
 
 def test_rejects_wrong_image_shape():
     module = load_classifier(SHIPPED)
-    with pytest.raises(CalibexportError, match=r"takes images \[N, 1, 16, 16\], got shape \[2, 1, 8, 8\]"):
+    match = r"takes images \[N, 1, 16, 16\], got shape \[2, 1, 8, 8\]"
+    with pytest.raises(CalibexportError, match=match):
         classifier_features(module, np.zeros((2, 1, 8, 8), np.float32))
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(CalibexportError, match="classifier weights .*missing.safetensors not found"):
+    with pytest.raises(CalibexportError, match="weights .*missing.safetensors not found"):
         load_classifier(tmp_path / "missing.safetensors")
     from safetensors.torch import save_file
 

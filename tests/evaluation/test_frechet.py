@@ -113,7 +113,7 @@ def test_gaussian_stats_values():
     [
         (np.zeros((1, 3)), r"N >= 2, got shape \[1, 3\]"),
         (np.zeros(5), r"2-D array \[N, D\]"),
-        (np.array([[0.0, 1.0], [np.nan, 1.0], [1.0, 1.0]]), "NaN or Inf in 1 of 3 rows, first in row 1"),
+        (np.array([[0.0, 1.0], [np.nan, 1.0], [1.0, 1.0]]), "NaN or Inf in 1 of 3 rows, first"),
     ],
 )
 def test_gaussian_stats_rejects_bad_features(features, match):

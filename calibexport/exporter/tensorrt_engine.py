@@ -10,8 +10,12 @@ cache ``timing.cache`` next to it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import json
 import logging
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,52 +352,76 @@ class MatchedEvaluations:
         del self.worst[self.keep:]
 
 
+def _polygraphy_trt_command(model_path: Path, inputs: Path, outputs: Path, *, x_input: str,
+                            timestep_input: str, image_shape: tuple[int, ...],
+                            profile: BatchProfile, atol: float, rtol: float) -> str:
+    """Return the ``polygraphy run`` command that builds a strongly typed engine with ``profile``
+    and compares it with the saved reference outputs."""
+    image = ",".join(str(d) for d in image_shape)
+    command = ["polygraphy", "run", str(model_path), "--trt", "--strongly-typed"]
+    for bound, batch in (("min", profile.min), ("opt", profile.opt), ("max", profile.max)):
+        command += [f"--trt-{bound}-shapes", f"{x_input}:[{batch},{image}]",
+                    f"{timestep_input}:[{batch}]"]
+    command += ["--load-inputs", str(inputs), "--load-outputs", str(outputs),
+                "--atol", f"{atol:g}", "--rtol", f"{rtol:g}"]
+    return shlex.join(command)
+
+
 def save_polygraphy_repro(directory: str | Path, matches: MatchedEvaluations, *, x_input: str,
                           timestep_input: str, output_name: str, atol: float, rtol: float,
-                          profile: BatchProfile | None = None) -> dict[str, str]:
-    """Write the worst evaluations as Polygraphy inputs and reference outputs (JSON).
+                          model_path: Path = Path("model.onnx"),
+                          profile: BatchProfile | None = None) -> dict[str, Any]:
+    """Write the worst evaluations as Polygraphy JSON: inputs.json, outputs.json, iterations.json.
 
-    Returns the file paths and the ``polygraphy run`` command that compares TensorRT with the
-    reference outputs on exactly these inputs.
+    ``outputs.json`` holds the reference outputs of the runner ``reference``. Returns the paths,
+    the number of iterations and the ``polygraphy run --trt`` command that compares TensorRT with
+    the reference on exactly these inputs, as the parity report's ``reproduce`` entry.
     """
-    from polygraphy.comparator import RunResults
-    from polygraphy.comparator.struct import IterationResult
-    from polygraphy.json import save_json
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    inputs_path = directory / "polygraphy_inputs.json"
-    outputs_path = directory / "polygraphy_reference_outputs.json"
-    feeds = [{x_input: x, timestep_input: t} for _, x, t, _ in matches.worst]
-    save_json(feeds, str(inputs_path), description="calibexport parity inputs")
-    results = RunResults()
-    results.append(("reference", [IterationResult({output_name: eps}, runner_name="reference")
-                                  for _, _, _, eps in matches.worst]))
-    results.save(str(outputs_path))
+    paths = {name: directory / f"{name}.json" for name in ("inputs", "outputs", "iterations")}
+    # Polygraphy logs to stdout, where validate prints the parity summary.
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        from polygraphy.comparator import RunResults
+        from polygraphy.comparator.struct import IterationResult
+        from polygraphy.json import save_json
+
+        feeds = [{x_input: x, timestep_input: t} for _, x, t, _ in matches.worst]
+        save_json(feeds, str(paths["inputs"]), description="calibexport parity inputs")
+        results = RunResults()
+        results.append(("reference", [IterationResult({output_name: eps}, runner_name="reference")
+                                      for _, _, _, eps in matches.worst]))
+        results.save(str(paths["outputs"]))
+    for line in captured.getvalue().splitlines():
+        logger.debug("polygraphy: %s", line)
+    iterations = [{"iteration": number, "max_abs_error": error,
+                   "timesteps": t.astype(np.float64).tolist()}
+                  for number, (error, _, t, _) in enumerate(matches.worst)]
+    paths["iterations"].write_text(json.dumps(iterations, indent=1) + "\n")
 
     batches = [len(t) for _, _, t, _ in matches.worst] or [1]
-    profile = profile or BatchProfile(min(batches), max(batches), max(batches))
-    image = ",".join(str(d) for d in matches.worst[0][1].shape[1:]) if matches.worst else "C,H,W"
-    shapes = {bound: f"{x_input}:[{batch},{image}] {timestep_input}:[{batch}]"
-              for bound, batch in (("min", profile.min), ("opt", profile.opt),
-                                   ("max", profile.max))}
-    command = (f"polygraphy run model.onnx --trt --strongly-typed "
-               f"--trt-min-shapes {shapes['min']} --trt-opt-shapes {shapes['opt']} "
-               f"--trt-max-shapes {shapes['max']} --load-inputs {inputs_path} "
-               f"--load-outputs {outputs_path} --atol {atol:g} --rtol {rtol:g}")
-    (directory / "polygraphy_command.txt").write_text(command + "\n")
-    logger.info("Saved %d Polygraphy input sets and reference outputs in %s.", len(feeds),
+    image_shape = tuple(matches.worst[0][1].shape[1:]) if matches.worst else ()
+    command = _polygraphy_trt_command(
+        model_path, paths["inputs"], paths["outputs"], x_input=x_input,
+        timestep_input=timestep_input, image_shape=image_shape,
+        profile=profile or BatchProfile(min(batches), max(batches), max(batches)),
+        atol=atol, rtol=rtol)
+    logger.info("Saved %d Polygraphy iterations with the largest errors in %s.", len(feeds),
                 directory)
-    return {"inputs": str(inputs_path), "reference_outputs": str(outputs_path), "command": command}
+    return {"directory": str(directory), **{name: str(path) for name, path in paths.items()},
+            "num_iterations": len(feeds), "runner_name": "reference", "command": command}
 
 
 def validate_tensorrt(deployed: EpsBackend, reference: EpsBackend, schedule: VPSchedule,
                       num_timesteps: int, config: ParityConfig, *, repro_dir: Path | None = None,
-                      repro_evaluations: int = 4) -> ParityResult:
+                      repro_evaluations: int = 4, model_path: Path = Path("model.onnx")
+                      ) -> tuple[ParityResult, dict[str, Any] | None]:
     """Run the parity checks of ``deployed`` (a TensorRT backend) against ``reference``.
 
     With ``repro_dir``, the ``repro_evaluations`` evaluations that differ most are saved as
-    Polygraphy JSON (see ``save_polygraphy_repro``), and the result's environment lists them.
+    Polygraphy JSON (see ``save_polygraphy_repro``). Returns the result and the saved files'
+    ``reproduce`` entry (None without ``repro_dir``).
     """
     from calibexport.validate.parity import run_parity
 
@@ -401,14 +429,15 @@ def validate_tensorrt(deployed: EpsBackend, reference: EpsBackend, schedule: VPS
     result = run_parity(RecordingBackend(deployed, matches, "deployed"),
                         RecordingBackend(reference, matches, "reference"), schedule,
                         num_timesteps, config)
-    if repro_dir is not None:
-        tolerance = config.tolerances["evaluation"]
-        result.environment["polygraphy_repro"] = save_polygraphy_repro(
-            repro_dir, matches, x_input=getattr(deployed, "x_input", "x"),
-            timestep_input=getattr(deployed, "timestep_input", "t"),
-            output_name=getattr(deployed, "output_name", "eps"), atol=tolerance.atol,
-            rtol=tolerance.rtol, profile=getattr(deployed, "profile", None))
-    return result
+    if repro_dir is None:
+        return result, None
+    tolerance = config.tolerances["evaluation"]
+    reproduce = save_polygraphy_repro(
+        repro_dir, matches, x_input=getattr(deployed, "x_input", "x"),
+        timestep_input=getattr(deployed, "timestep_input", "t"),
+        output_name=getattr(deployed, "output_name", "eps"), atol=tolerance.atol,
+        rtol=tolerance.rtol, model_path=model_path, profile=getattr(deployed, "profile", None))
+    return result, reproduce
 
 
 def build_engine_step(artifact_dir: str | Path, *, enabled: bool = True,

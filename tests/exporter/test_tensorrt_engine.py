@@ -6,6 +6,7 @@ TensorRT 10+ or an NVIDIA GPU. The others run everywhere.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import subprocess
@@ -241,19 +242,25 @@ def test_validation_saves_repro_that_polygraphy_reruns(make_network, tmp_path):
     repro = tmp_path / "repro"
     with OnnxRuntimeBackend(deployed_path) as deployed, \
             OnnxRuntimeBackend(reference_path) as reference:
-        result = validate_tensorrt(deployed, reference, schedule, NUM_TIMESTEPS,
-                                   small_parity_config(), repro_dir=repro, repro_evaluations=3)
+        result, files = validate_tensorrt(deployed, reference, schedule, NUM_TIMESTEPS,
+                                          small_parity_config(), repro_dir=repro,
+                                          repro_evaluations=3, model_path=deployed_path)
     assert not result.passed
-    files = result.environment["polygraphy_repro"]
+    assert files["num_iterations"] == 3
+    assert files["directory"] == str(repro)
     assert Path(files["inputs"]).is_file()
-    assert Path(files["reference_outputs"]).is_file()
-    assert "--trt --strongly-typed" in files["command"]
-    assert "--trt-max-shapes x:[" in files["command"]
-    assert (repro / "polygraphy_command.txt").read_text().strip() == files["command"]
+    assert Path(files["outputs"]).is_file()
+    assert files["command"].startswith(f"polygraphy run {deployed_path} --trt --strongly-typed")
+    assert "--trt-max-shapes 'x:[" in files["command"]
+    iterations = json.loads(Path(files["iterations"]).read_text())
+    assert [item["iteration"] for item in iterations] == [0, 1, 2]
+    errors = [item["max_abs_error"] for item in iterations]
+    assert errors == sorted(errors, reverse=True)
+    assert errors[0] > 1e-4
 
     # The saved inputs and outputs are in Polygraphy's formats: its ONNX Runtime runner matches
     # the reference model and finds the deployed model's error on exactly these inputs.
-    loads = ["--load-inputs", files["inputs"], "--load-outputs", files["reference_outputs"],
+    loads = ["--load-inputs", files["inputs"], "--load-outputs", files["outputs"],
              "--atol", "1e-4", "--rtol", "1e-4"]
     assert _polygraphy("run", str(reference_path), "--onnxrt", *loads).returncode == 0
     failed = _polygraphy("run", str(deployed_path), "--onnxrt", *loads)
@@ -285,13 +292,14 @@ def test_repro_keeps_the_largest_errors(make_network, tmp_path):
     feeds = load_json(files["inputs"])
     assert [float(feed["t"][0]) for feed in feeds] == [9.0, 5.0]
     assert feeds[0]["t"].dtype == np.float32
-    results = RunResults.load(files["reference_outputs"])
+    results = RunResults.load(files["outputs"])
     outputs = results["reference"]
     assert len(outputs) == 2
     np.testing.assert_allclose(outputs[0]["eps"], np.full((2, 1, 8, 8), 0.011 * 9.0), rtol=1e-6)
-    assert "--trt-min-shapes x:[1,1,8,8] t:[1]" in files["command"]
-    assert "--trt-opt-shapes x:[2,1,8,8] t:[2]" in files["command"]
-    assert "--trt-max-shapes x:[4,1,8,8] t:[4]" in files["command"]
+    assert "--trt-min-shapes 'x:[1,1,8,8]' 't:[1]'" in files["command"]
+    assert "--trt-opt-shapes 'x:[2,1,8,8]' 't:[2]'" in files["command"]
+    assert "--trt-max-shapes 'x:[4,1,8,8]' 't:[4]'" in files["command"]
+    assert files["command"].startswith("polygraphy run model.onnx --trt")
 
 
 # --- GPU: real TensorRT builds -------------------------------------------------------------
@@ -360,11 +368,12 @@ def test_tensorrt_matches_onnxruntime_parity(tiny_artifact, tmp_path):
     schedule = schedule_from_spec(manifest.schedule)
     with TensorRTBackend.from_artifact(tiny_artifact) as deployed, \
             OnnxRuntimeBackend(tiny_artifact / "model.onnx") as reference:
-        result = validate_tensorrt(deployed, reference, schedule, manifest.num_timesteps,
-                                   small_parity_config(atol=5e-4), repro_dir=tmp_path / "repro")
+        result, files = validate_tensorrt(deployed, reference, schedule, manifest.num_timesteps,
+                                          small_parity_config(atol=5e-4),
+                                          repro_dir=tmp_path / "repro")
     failed = [check.failure_message() for check in result.checks if not check.passed]
     assert failed == []
-    assert (tmp_path / "repro" / "polygraphy_inputs.json").is_file()
+    assert Path(files["inputs"]).is_file()
 
 
 # --- The build command ----------------------------------------------------------------------

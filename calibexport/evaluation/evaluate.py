@@ -410,7 +410,7 @@ def evaluate_model(
     Returns the results of all seeds on rank 0 and an empty dict on other ranks.
     """
     from calibexport.calibration_tables.data import load_data
-    from calibexport.evaluation.report import write_outputs
+    from calibexport.evaluation.report import eta_noise_rows, write_outputs
     from calibexport.exporter.build import check_eta_matches_model
     from calibexport.models.loaders import load_model
     from calibexport.runtime.eta_table import load_eta_table
@@ -448,6 +448,8 @@ def evaluate_model(
     def on_pass(results: dict[str, Any]) -> None:
         results["inputs"] = {**{k: str(v) for k, v in asdict(inputs).items()}, **fingerprint,
                              "eta_sha256": table.sha256, "eta": _eta_summary(table)}
+        standard_error = (table.metadata or {}).get("standard_error") or {}
+        results["eta_noise"] = eta_noise_rows(table.values, standard_error.get("row_mean"))
         paths = write_outputs(results, out_dir)
         logger.info("Wrote %s after seeds %s.", ", ".join(map(str, paths)),
                     results["seeds_completed"])

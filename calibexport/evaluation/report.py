@@ -63,11 +63,11 @@ def _grid(results: dict[str, Any]) -> tuple[list[str], list[int], list[int]]:
 
 
 def paired_differences(results: dict[str, Any], space: str, setting: str, order: int,
-                       nfe: int) -> list[float]:
-    """Return calibrated minus uncalibrated Frechet distance, one value per seed."""
+                       nfe: int, metric: str = "fd") -> list[float]:
+    """Return calibrated minus uncalibrated ``metric`` (fd or mean_term), one value per seed."""
     rows = _rows_by_key(results)
-    calibrated = rows[(setting, order, nfe, True)]["metrics"][space]["fd"]
-    uncalibrated = rows[(setting, order, nfe, False)]["metrics"][space]["fd"]
+    calibrated = rows[(setting, order, nfe, True)]["metrics"][space][metric]
+    uncalibrated = rows[(setting, order, nfe, False)]["metrics"][space][metric]
     return [c - u for c, u in zip(calibrated, uncalibrated)]
 
 
@@ -91,7 +91,8 @@ def distance_table(results: dict[str, Any], space: str, setting: str) -> str:
     return "\n".join(lines)
 
 
-def difference_table(results: dict[str, Any], space: str, setting: str) -> str:
+def difference_table(results: dict[str, Any], space: str, setting: str,
+                     metric: str = "fd") -> str:
     """Return the markdown table of paired differences, calibrated minus uncalibrated."""
     _, orders, nfes = _grid(results)
     lines = ["| order | " + " | ".join(f"NFE {nfe}" for nfe in nfes) + " |",
@@ -99,7 +100,8 @@ def difference_table(results: dict[str, Any], space: str, setting: str) -> str:
     for order in orders:
         cells = []
         for nfe in nfes:
-            mean, se = mean_and_se(paired_differences(results, space, setting, order, nfe))
+            differences = paired_differences(results, space, setting, order, nfe, metric)
+            mean, se = mean_and_se(differences)
             cell = _format(mean, se, digits=2)
             if se is not None and abs(mean) > 2 * se:
                 cell = f"**{cell}**"
@@ -128,7 +130,44 @@ def markdown_report(results: dict[str, Any]) -> str:
                 "Calibrated minus uncalibrated (paired by seed; bold: more than 2 standard "
                 f"errors from zero):\n\n{difference_table(results, space, setting)}"
             )
+            parts.append(
+                "Mean term ||m_samples - m_data||^2 of the distance, calibrated minus "
+                f"uncalibrated:\n\n{difference_table(results, space, setting, 'mean_term')}"
+            )
+    if results.get("eta_noise"):
+        parts.append(f"### eta table against its standard error\n\n{eta_noise_table(results)}")
     return "\n\n".join(parts) + "\n"
+
+
+def eta_noise_rows(values: np.ndarray, row_mean_se: Sequence[float] | None,
+                   timesteps: Sequence[int] = (0, 10, 50, 100, 250, 500, 750, 999)
+                   ) -> list[dict[str, float]]:
+    """Return, at some table rows, the RMS of eta over pixels and the mean standard error.
+
+    An estimated row has expected mean square eta^2 + SE^2, so ``noise_share`` = SE^2 / RMS^2
+    estimates the fraction of the row's power that is Monte Carlo noise (near 1: mostly noise).
+    """
+    rows = []
+    for timestep in timesteps:
+        if timestep >= len(values):
+            continue
+        rms = float(np.sqrt(np.mean(np.asarray(values[timestep], dtype=np.float64) ** 2)))
+        row = {"timestep": int(timestep), "rms": rms}
+        if row_mean_se is not None:
+            se = float(row_mean_se[timestep])
+            row.update(se=se, noise_share=se**2 / rms**2 if rms > 0 else float("inf"))
+        rows.append(row)
+    return rows
+
+
+def eta_noise_table(results: dict[str, Any]) -> str:
+    """Return the markdown table of ``results["eta_noise"]``."""
+    lines = ["| timestep | RMS of eta | mean SE | SE^2 / RMS^2 |", "|---:|---:|---:|---:|"]
+    for row in results["eta_noise"]:
+        se = f"{row['se']:.3g}" if "se" in row else "-"
+        share = f"{row['noise_share']:.2f}" if "noise_share" in row else "-"
+        lines.append(f"| {row['timestep']} | {row['rms']:.3g} | {se} | {share} |")
+    return "\n".join(lines)
 
 
 def plot_results(results: dict[str, Any], path: str | Path) -> None:

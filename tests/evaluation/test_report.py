@@ -73,3 +73,26 @@ def test_write_outputs(tmp_path, results):
     assert json.loads(paths[0].read_text())["seeds_completed"] == [0, 1, 2]
     assert "Calibrated minus uncalibrated" in paths[1].read_text()
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mean_term_difference_table(results):
+    lines = difference_table(results, "pixel", "fixed", metric="mean_term").splitlines()
+    assert lines[2] == "| 3 | 0 ± 0 | 0 ± 0 |"
+
+
+def test_eta_noise_rows_and_table(results):
+    import numpy as np
+
+    from calibexport.evaluation.report import eta_noise_rows, eta_noise_table
+
+    values = np.zeros((20, 1, 2, 2), np.float32)
+    values[0] = 0.2
+    values[10] = [[[0.3, -0.3], [0.3, -0.3]]]
+    rows = eta_noise_rows(values, [0.1] * 20, timesteps=(0, 10, 50))
+    assert [row["timestep"] for row in rows] == [0, 10]
+    assert rows[0]["rms"] == pytest.approx(0.2)
+    assert rows[1]["noise_share"] == pytest.approx(0.01 / 0.09)
+    results["eta_noise"] = rows
+    assert "| 10 | 0.3 | 0.1 | 0.11 |" in eta_noise_table(results)
+    assert "eta table against its standard error" in markdown_report(results)
+    assert "se" not in eta_noise_rows(values, None, timesteps=(0,))[0]

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -126,6 +128,20 @@ def test_presets_cover_every_level():
     for name, tolerances in TOLERANCE_PRESETS.items():
         assert set(tolerances) == set(LEVELS), name
         assert tolerances["trajectory"].atol >= tolerances["evaluation"].atol, name
+
+
+def test_presets_match_documentation():
+    docs = Path(__file__).parents[2] / "docs" / "validation.md"
+    rows = {}
+    for line in docs.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[0].strip("`") in TOLERANCE_PRESETS:
+            rows[cells[0].strip("`")] = cells[1:]
+    assert set(rows) == set(TOLERANCE_PRESETS)
+    for name, cells in rows.items():
+        for level, cell in zip(LEVELS, cells):
+            atol, rtol = (float(value) for value in cell.split("/"))
+            assert Tolerance(atol, rtol) == TOLERANCE_PRESETS[name][level], (name, level)
 
 
 def test_preset_copy_is_independent():

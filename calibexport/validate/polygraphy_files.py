@@ -9,6 +9,8 @@ outputs.json --atol A --rtol R`` runs the ONNX model on the same inputs and comp
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import shlex
@@ -45,15 +47,35 @@ def save_polygraphy_files(directory: Path, outputs: ReferenceOutputs, *, x_input
 
     ``tolerance`` is the (atol, rtol) written into the suggested ``polygraphy run`` command.
     """
-    try:
-        from polygraphy.comparator import RunResults
-        from polygraphy.json import save_json
-    except ImportError as error:
-        raise CalibexportError(
-            f"--save-inputs needs the polygraphy package ({error}); install it with "
-            f"`pip install polygraphy`."
-        ) from None
+    # Polygraphy prints its log lines to stdout, where validate prints the parity summary.
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        try:
+            from polygraphy.comparator import RunResults
+            from polygraphy.json import save_json
+        except ImportError as error:
+            raise CalibexportError(
+                f"--save-inputs needs the polygraphy package ({error}); install it with "
+                f"`pip install polygraphy`."
+            ) from None
+        result = _write(directory, outputs, RunResults, save_json, x_input=x_input,
+                        timestep_input=timestep_input, timestep_dtype=timestep_dtype,
+                        output_name=output_name)
+    for line in captured.getvalue().splitlines():
+        logger.debug("polygraphy: %s", line)
 
+    atol, rtol = tolerance
+    result["command"] = shlex.join([
+        "polygraphy", "run", str(model_path), "--onnxrt",
+        "--load-inputs", result["inputs"], "--load-outputs", result["outputs"],
+        "--atol", f"{atol:g}", "--rtol", f"{rtol:g}",
+    ])
+    return result
+
+
+def _write(directory: Path, outputs: ReferenceOutputs, run_results_type: Any, save_json: Any, *,
+           x_input: str, timestep_input: str, timestep_dtype: np.dtype,
+           output_name: str) -> dict[str, Any]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     feeds, results, index = [], [], []
@@ -66,19 +88,11 @@ def save_polygraphy_files(directory: Path, outputs: ReferenceOutputs, *, x_input
         index.append({"iteration": number, "check": label,
                       "timesteps": np.asarray(timestep, dtype=np.float64).tolist()})
 
-    run_results = RunResults()
+    run_results = run_results_type()
     run_results.add(results, runner_name=RUNNER_NAME)
     save_json(feeds, str(directory / "inputs.json"), description="calibexport parity inputs")
     run_results.save(str(directory / "outputs.json"))
     (directory / "iterations.json").write_text(json.dumps(index, indent=1) + "\n")
-
-    atol, rtol = tolerance
-    command = shlex.join([
-        "polygraphy", "run", str(model_path), "--onnxrt",
-        "--load-inputs", str(directory / "inputs.json"),
-        "--load-outputs", str(directory / "outputs.json"),
-        "--atol", f"{atol:g}", "--rtol", f"{rtol:g}",
-    ])
     logger.info("Saved %d Polygraphy iterations to %s", len(feeds), directory)
     return {
         "directory": str(directory),
@@ -87,5 +101,4 @@ def save_polygraphy_files(directory: Path, outputs: ReferenceOutputs, *, x_input
         "iterations": str(directory / "iterations.json"),
         "num_iterations": len(feeds),
         "runner_name": RUNNER_NAME,
-        "command": command,
     }

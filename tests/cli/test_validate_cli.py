@@ -33,10 +33,13 @@ def assert_one_line_error(result: subprocess.CompletedProcess, text: str) -> Non
 @pytest.mark.slow
 def test_pass_prints_summary_and_exits_0(tiny_artifact, tmp_path):
     result = run_validate("--artifact", str(tiny_artifact), "--report-dir", str(tmp_path),
-                          "--runs", "quick", "--atol", "samples=2e-3")
+                          "--runs", "quick", "--atol", "samples=2e-3",
+                          "--save-inputs", str(tmp_path / "polygraphy"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("## calibexport parity: PASSED")
+    # Polygraphy's own log lines stay out of the summary on stdout.
     assert result.stdout == (tmp_path / "parity.md").read_text()
+    assert (tmp_path / "polygraphy" / "inputs.json").is_file()
     report = json.loads((tmp_path / "parity.json").read_text())
     assert report["tolerances"]["levels"]["samples"]["atol"] == 2e-3
     assert report["config"]["runs"] == ["singlestep_order3_nfe20", "multistep_order2_nfe10"]

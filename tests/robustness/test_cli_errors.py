@@ -85,9 +85,10 @@ def sample(paths: dict[str, Path], *extra: str, artifact: str = "artifact") -> l
             "--out", str(paths["out_dir_png"].parent / "ok.png"), *extra]
 
 
-def calibrate(paths: dict[str, Path], data: Path) -> list[str]:
-    return ["calibrate", "--model", str(paths["model"]), "--data", str(data), "--out",
-            str(paths["a_file"].parent / "new_eta.npy"), "--num-samples", "2"]
+def calibrate(paths: dict[str, Path], data: Path, out: Path | None = None) -> list[str]:
+    out = out or paths["a_file"].parent / "new_eta.npy"
+    return ["calibrate", "--model", str(paths["model"]), "--data", str(data), "--out", str(out),
+            "--num-samples", "2"]
 
 
 def error_cases(paths: dict[str, Path], root: Path) -> dict[str, tuple[list[str], list[str]]]:
@@ -121,6 +122,9 @@ def error_cases(paths: dict[str, Path], root: Path) -> dict[str, tuple[list[str]
                             ["b.png is 12x10 but the model needs 8x8"]),
         "data_wrong_channels": (calibrate(paths, paths["rgb_array"]),
                                 ["shape [4, 3, 8, 8]", "expected [N, 1, 8, 8]"]),
+        "calibrate_out_below_file": (calibrate(paths, paths["rgb_array"].with_name("unused"),
+                                               out=paths["a_file"] / "eta.npy"),
+                                     ["cannot write the output to", "a_file is not a writable"]),
         "steps_zero": (sample(paths, "--steps", "0"), ["steps=0 is invalid"]),
         "order_four": (sample(paths, "--order", "4"), ["order=4 is invalid", "1, 2, 3"]),
         "method_unknown": (sample(paths, "--method", "rk4"), ["unknown method 'rk4'"]),
@@ -152,7 +156,7 @@ TORCH_CASES = [
     "eta_shape", "eta_rows", "eta_nan", "eta_other_weights", "eta_truncated",
     "safetensors_truncated", "checkpoint_truncated", "checkpoint_unpickling",
     "build_existing_out", "build_out_below_file", "data_missing", "data_empty",
-    "data_wrong_size", "data_wrong_channels", "validate_changed",
+    "data_wrong_size", "data_wrong_channels", "calibrate_out_below_file", "validate_changed",
 ]
 
 

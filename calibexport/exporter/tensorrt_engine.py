@@ -458,3 +458,121 @@ def build_engine_step(artifact_dir: str | Path, *, enabled: bool = True,
         return None
     return build_artifact_engine(artifact_dir, EngineBuildOptions(profile=profile,
                                                                   cache_dir=cache_dir))
+
+
+@dataclass
+class TensorRTValidation:
+    """The parity reports of ``model.plan`` against each reference, by reference name."""
+
+    reports: dict[str, dict[str, Any]]
+    directories: dict[str, Path]
+
+    @property
+    def passed(self) -> bool:
+        return all(report["status"] == "PASSED" for report in self.reports.values())
+
+    def markdown(self) -> str:
+        """Return the parity.md of every reference, one after the other."""
+        return "\n".join((directory / "parity.md").read_text()
+                         for directory in self.directories.values())
+
+
+def _check_tensorrt_validate_options(options: Any) -> None:
+    unsupported = [flag for flag, used in (
+        ("--reference", options.reference is not None),
+        ("--save-reference", options.save_reference is not None),
+        ("--save-inputs", options.save_inputs is not None),
+        ("--provider cuda", options.provider != "cpu"), ("--tf32", options.tf32)) if used]
+    if unsupported:
+        raise CalibexportError(
+            f"{', '.join(unsupported)} cannot be combined with --backend tensorrt, which compares "
+            "model.plan with PyTorch and ONNX Runtime on the CPU and always saves Polygraphy "
+            f"files; drop {' and '.join(unsupported)}."
+        )
+
+
+def validate_tensorrt_artifact(artifact_dir: str | Path, *, loaded: Any = None,
+                               options: Any = None, report_dir: Path | None = None,
+                               cuda_graph_batch: int | None = None) -> TensorRTValidation:
+    """Validate an artifact's ``model.plan`` against PyTorch and against ONNX Runtime (CPU).
+
+    ``options`` is a ``calibexport.validate.run.ValidateOptions`` (tolerances, runs, seed); its
+    ``auto`` preset means ``fp16`` for an engine with float16 layers, else ``fp32-gpu``. Each
+    reference gets parity.json, parity.md and parity.xml in ``REPORT_DIR/tensorrt-vs-NAME``,
+    and the Polygraphy files of its worst evaluations in ``polygraphy/`` below that.
+    """
+    from calibexport.runtime.artifact import load_manifest, verify_artifact_files
+    from calibexport.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from calibexport.runtime.backends.tensorrt import TensorRTBackend
+    from calibexport.runtime.eta_table import load_eta_table
+    from calibexport.runtime.schedule import schedule_from_spec
+    from calibexport.validate.run import (
+        ValidateOptions,
+        _load_torch_reference,
+        _parity_config,
+        check_options,
+    )
+    from calibexport.validate.torch_reference import TorchCalibratedBackend
+
+    options = options or ValidateOptions()
+    _check_tensorrt_validate_options(options)
+    check_options(options)
+    artifact_dir = Path(artifact_dir)
+    manifest = load_manifest(artifact_dir)
+    verify_artifact_files(artifact_dir, manifest)
+    table = load_eta_table(artifact_dir)
+    schedule = schedule_from_spec(manifest.schedule)
+    validation = TensorRTValidation({}, {})
+    with TensorRTBackend.from_artifact(artifact_dir, cuda_graph_batch=cuda_graph_batch) as deployed:
+        # The engine is opened first, so a missing or mismatched engine fails before the model load.
+        loaded = _load_torch_reference(artifact_dir, manifest, loaded)
+        key = deployed.metadata.key
+        preset = options.tolerance_preset
+        if preset == "auto":
+            preset = "fp16" if "float16" in key.precision else "fp32-gpu"
+        config = _parity_config(options, preset)
+        references = {
+            "pytorch": (lambda: TorchCalibratedBackend(loaded.module, table, deployed.image_shape,
+                                                       deployed.timestep_dtype),
+                        "PyTorch eager float32 on the CPU: network(x, t) - eta(t)"),
+            "onnxruntime": (lambda: OnnxRuntimeBackend(artifact_dir / "model.onnx"),
+                            "ONNX Runtime CPUExecutionProvider, model.onnx"),
+        }
+        for name, (open_reference, description) in references.items():
+            directory = Path(report_dir or artifact_dir) / f"tensorrt-vs-{name}"
+            with open_reference() as reference:
+                result, reproduce = validate_tensorrt(
+                    deployed, reference, schedule, manifest.num_timesteps, config,
+                    repro_dir=directory / "polygraphy", model_path=artifact_dir / "model.onnx")
+            validation.reports[name] = _write_tensorrt_report(
+                result, reproduce, directory, deployed, description, config, preset,
+                {"artifact": str(artifact_dir), "eta_sha256": table.sha256,
+                 "weights_sha256": manifest.weights_sha256})
+            validation.directories[name] = directory
+    return validation
+
+
+def _write_tensorrt_report(result: ParityResult, reproduce: dict[str, Any] | None,
+                           directory: Path, deployed: Any, reference: str, config: ParityConfig,
+                           preset: str, facts: dict[str, Any]) -> dict[str, Any]:
+    """Write the parity reports of one TensorRT comparison; return the parity.json document."""
+    import platform
+
+    from calibexport.validate.reports import parity_to_dict, write_reports
+
+    key = deployed.metadata.key
+    result.environment = {
+        "python": platform.python_version(), "platform": platform.platform(),
+        "tensorrt": key.tensorrt_version, "gpu": key.gpu_name,
+        "compute_capability": key.compute_capability, "tf32": key.tf32,
+        "engine_key_sha256": key.digest(), "cuda_graph_batch": deployed.cuda_graph_batch,
+    }
+    subject = {**facts, "reference": reference, "reference_file": None,
+               "deployed": f"TensorRT {key.tensorrt_version} model.plan on {key.gpu_name} "
+                           f"(batch sizes {key.profile.text()}, {key.precision})"}
+    tolerances = {"preset": preset, "overrides": config.tolerance_overrides,
+                  "levels": {level: {"atol": tol.atol, "rtol": tol.rtol}
+                             for level, tol in config.tolerances.items()}}
+    report = parity_to_dict(result, subject, tolerances, reproduce)
+    write_reports(report, directory)
+    return report

@@ -614,15 +614,14 @@ def test_sampler_lists_gpu_backends(tiny_artifact):
         Sampler.from_artifact(tiny_artifact, backend="cuda")
 
 
-def test_sampler_tensorrt_with_fake_engine(fake_gpu, tiny_artifact, tmp_path):
-    """The sampler drives the TensorRT backend through a whole run (numpy stand-in engine)."""
+def install_fake_engine(source_artifact: Path, tmp_path: Path) -> Path:
+    """Copy an artifact and give it a stand-in engine that matches its ONNX file and eta."""
     import shutil
 
     from calibexport.runtime.artifact import load_manifest
-    from calibexport.runtime.sampler import Sampler
 
     artifact = tmp_path / "artifact"
-    shutil.copytree(tiny_artifact, artifact)
+    shutil.copytree(source_artifact, artifact)
     manifest = load_manifest(artifact)
     engine_dir = write_fake_engine(tmp_path / "engine", timestep_dtype="float32",
                                    onnx_sha256=manifest.files["model.onnx"],
@@ -633,7 +632,16 @@ def test_sampler_tensorrt_with_fake_engine(fake_gpu, tiny_artifact, tmp_path):
     document["io"]["x"]["shape"] = [-1, *manifest.image_shape]
     document["io"]["eps"]["shape"] = [-1, *manifest.image_shape]
     (artifact / ENGINE_METADATA_FILENAME).write_text(json.dumps(document))
+    return artifact
 
+
+def test_sampler_tensorrt_with_fake_engine(fake_gpu, tiny_artifact, tmp_path):
+    """The sampler drives the TensorRT backend through a whole run (numpy stand-in engine)."""
+    from calibexport.runtime.artifact import load_manifest
+    from calibexport.runtime.sampler import Sampler
+
+    artifact = install_fake_engine(tiny_artifact, tmp_path)
+    manifest = load_manifest(artifact)
     with Sampler.from_artifact(artifact, backend="tensorrt", cuda_graph_batch=2) as sampler:
         images = sampler.sample(3, steps=4, order=1, method="multistep", seed=0, batch_size=2)
     assert images.shape == (3, *manifest.image_shape)
@@ -707,3 +715,90 @@ def test_gpu_benchmark_rejects_bad_sizes(tmp_path):
     assert result.returncode == 2
     assert "--batch-size must be >= 1, got 0" in result.stderr
     assert not (tmp_path / "b.json").exists()
+
+
+# --- validate --backend tensorrt -----------------------------------------------------------
+
+
+def test_tensorrt_validation_reports_with_fake_engine(fake_gpu, tiny_artifact, tmp_path):
+    """The stand-in engine computes 0.5 x + 0.01 t, not the model, so every report fails."""
+    from calibexport.exporter.tensorrt_engine import validate_tensorrt_artifact
+    from calibexport.validate.run import ValidateOptions
+
+    artifact = install_fake_engine(tiny_artifact, tmp_path)
+    options = ValidateOptions(runs="multistep:2:4", max_rows=8, num_samples=1)
+    validation = validate_tensorrt_artifact(artifact, options=options,
+                                            report_dir=tmp_path / "reports")
+    assert not validation.passed
+    assert set(validation.reports) == {"pytorch", "onnxruntime"}
+    for name, report in validation.reports.items():
+        directory = tmp_path / "reports" / f"tensorrt-vs-{name}"
+        assert validation.directories[name] == directory
+        assert report["status"] == "FAILED"
+        assert report["tolerances"]["preset"] == "fp32-gpu"
+        assert report["subject"]["deployed"].startswith("TensorRT 10.0.0 model.plan on Fake GPU")
+        assert report["environment"]["tf32"] is False
+        assert json.loads((directory / "parity.json").read_text())["status"] == "FAILED"
+        assert (directory / "parity.xml").is_file()
+        reproduce = report["reproduce"]
+        assert Path(reproduce["inputs"]).parent == directory / "polygraphy"
+        assert reproduce["num_iterations"] == 4
+        assert " --trt --strongly-typed " in reproduce["command"]
+        assert reproduce["command"] in (directory / "parity.md").read_text()
+    markdown = validation.markdown()
+    assert "PyTorch eager float32 on the CPU" in markdown
+    assert "ONNX Runtime CPUExecutionProvider" in markdown
+
+
+@pytest.mark.skipif(TENSORRT_MISSING is None, reason="TensorRT and a GPU are present here")
+def test_validate_cli_tensorrt_without_engine(tiny_artifact):
+    from typer.testing import CliRunner
+
+    import calibexport.cli.validate  # noqa: F401  (registers the command)
+    from calibexport.cli.app import app
+
+    result = CliRunner().invoke(app, ["validate", "--artifact", str(tiny_artifact),
+                                      "--backend", "tensorrt"])
+    assert result.exit_code == 2
+    assert "engine.json not found" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_validate_cli_rejects_unknown_backend(tiny_artifact):
+    from typer.testing import CliRunner
+
+    import calibexport.cli.validate  # noqa: F401  (registers the command)
+    from calibexport.cli.app import app
+
+    result = CliRunner().invoke(app, ["validate", "--artifact", str(tiny_artifact),
+                                      "--backend", "openvino"])
+    assert result.exit_code == 2
+    assert "unknown backend 'openvino'; valid backends: onnxruntime, tensorrt." in result.output
+
+
+@pytest.mark.parametrize("changes, flag", [
+    ({"provider": "cuda"}, "--provider cuda"),
+    ({"tf32": True, "provider": "cuda"}, "--provider cuda, --tf32"),
+    ({"save_inputs": Path("inputs")}, "--save-inputs"),
+])
+def test_tensorrt_validation_rejects_onnxruntime_flags(tiny_artifact, changes, flag):
+    from calibexport.exporter.tensorrt_engine import validate_tensorrt_artifact
+    from calibexport.validate.run import ValidateOptions
+
+    with pytest.raises(CalibexportError, match=f"{flag} cannot be combined with --backend "
+                       "tensorrt"):
+        validate_tensorrt_artifact(tiny_artifact, options=ValidateOptions(**changes))
+
+
+@pytest.mark.gpu
+@requires_tensorrt
+def test_tensorrt_validation_passes(tiny_artifact, tmp_path):
+    from calibexport.exporter.tensorrt_engine import validate_tensorrt_artifact
+    from calibexport.validate.run import ValidateOptions
+
+    validation = validate_tensorrt_artifact(tiny_artifact, options=ValidateOptions(runs="quick"),
+                                            report_dir=tmp_path)
+    failed = {name: report["summary"]["failed_checks"]
+              for name, report in validation.reports.items()}
+    assert failed == {"pytorch": [], "onnxruntime": []}
+    assert validation.passed

@@ -65,6 +65,11 @@ def validate(
         "default), quick (two runs) or METHOD:ORDER:NFE,... e.g. singlestep:3:20,ddim:1:10.",
     ),
     provider: str = typer.Option("cpu", "--provider", help="ONNX Runtime provider: cpu or cuda."),
+    backend: str = typer.Option(
+        "onnxruntime", "--backend",
+        help="What to validate: onnxruntime (model.onnx) or tensorrt (model.plan, compared with "
+        "PyTorch and with ONNX Runtime on the CPU; reports in REPORT_DIR/tensorrt-vs-*/).",
+    ),
     tf32: bool = typer.Option(
         False, "--tf32/--no-tf32", help="Let the CUDA provider use TF32 (off by default)."
     ),
@@ -111,6 +116,9 @@ def validate(
         save_inputs=save_inputs, save_reference=save_reference, reference=reference,
     )
     check_options(options)
+    if backend not in ("onnxruntime", "tensorrt"):
+        raise CalibexportError(f"unknown backend {backend!r}; valid backends: onnxruntime, "
+                               "tensorrt.")
     loaded: Any = None
     if reference is not None and (model, config, weights) != (None, None, None):
         raise CalibexportError("--model, --config and --weights cannot be combined with "
@@ -119,6 +127,15 @@ def validate(
         from calibexport.models.loaders import load_model
 
         loaded = load_model(model, config=config, weights=weights or "ema")
+    if backend == "tensorrt":
+        from calibexport.exporter.tensorrt_engine import validate_tensorrt_artifact
+
+        validation = validate_tensorrt_artifact(artifact, loaded=loaded, options=options,
+                                                report_dir=report_dir)
+        typer.echo(validation.markdown(), nl=False)
+        if not validation.passed:
+            raise typer.Exit(EXIT_PARITY_FAILED)
+        return
     report = validate_directory(artifact, loaded=loaded, report_dir=report_dir, options=options)
     typer.echo((Path(report_dir or artifact) / "parity.md").read_text(), nl=False)
     if report["status"] != "PASSED":

@@ -68,12 +68,18 @@ def _install_directory(tmp_dir: Path, final_dir: Path, overwrite: bool) -> None:
                 "replace it or choose another --out."
             )
         old_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.old-", dir=final_dir.parent))
-        os.replace(final_dir, old_dir)
     try:
+        if old_dir is not None:
+            os.replace(final_dir, old_dir)
         os.replace(tmp_dir, final_dir)
     except BaseException:
+        # An interrupt can arrive just before or after either rename, so whether final_dir
+        # exists decides what to restore, not the line that was reached.
         if old_dir is not None:
-            os.replace(old_dir, final_dir)
+            if final_dir.exists():
+                shutil.rmtree(old_dir, ignore_errors=True)
+            else:
+                os.replace(old_dir, final_dir)
         raise
     if old_dir is not None:
         shutil.rmtree(old_dir, ignore_errors=True)

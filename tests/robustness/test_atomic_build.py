@@ -71,6 +71,33 @@ def test_failed_write_keeps_previous_artifact(monkeypatch, artifact_copy, tiny_m
     assert_intact(artifact, before)
 
 
+@pytest.mark.parametrize("failing_rename", [1, 2])
+def test_interrupted_install_restores_previous(monkeypatch, tmp_path, failing_rename):
+    # Installing renames the old directory aside (1), then the new one into place (2).
+    from calibexport.exporter import atomic
+
+    final = tmp_path / "artifact"
+    final.mkdir()
+    (final / "model.onnx").write_bytes(b"old")
+    real_replace = atomic.os.replace
+    calls = []
+
+    def replace(source, target):
+        calls.append(target)
+        if len(calls) == failing_rename:
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.atomic_directory(final, overwrite=True) as tmp:
+            (tmp / "model.onnx").write_bytes(b"new")
+            monkeypatch.setattr(atomic.os, "replace", replace)
+    monkeypatch.undo()
+
+    assert (final / "model.onnx").read_bytes() == b"old"
+    assert hidden_entries(tmp_path) == []
+
+
 def test_failed_first_build_leaves_nothing(monkeypatch, tmp_path, tiny_model, tiny_eta):
     monkeypatch.setattr(build_module, "write_manifest",
                         fail_after_partial_write(WRITERS["write_manifest"], OSError("I/O error")))

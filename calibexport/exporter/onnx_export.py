@@ -21,7 +21,6 @@ Exporter choice, measured with torch 2.13, onnxscript 0.7 and onnxruntime 1.32 o
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import tempfile
@@ -29,13 +28,17 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from calibexport.errors import CalibexportError
-from calibexport.exporter.fold import PROTOBUF_LIMIT_BYTES, default_opset, save_onnx
+from calibexport.exporter.onnx_utils import (
+    PROTOBUF_LIMIT_BYTES,
+    default_opset,
+    quiet_loggers,
+    save_onnx,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -82,14 +85,16 @@ def export_onnx(
     *,
     image_shape: tuple[int, int, int],
     timestep_dtype: Any = np.float32,
-    exporter: str = DEFAULT_EXPORTER,
+    exporter: str | None = None,
     opset: int | None = None,
     example_batch: int = 2,
 ) -> ExportInfo:
     """Export ``module(x, timestep)`` to a single ONNX file at ``path`` and check the graph.
 
     ``image_shape`` is (C, H, W). ``timestep_dtype`` is the dtype of the graph input ``t``, one of
-    ``TIMESTEP_DTYPES``. ``opset`` None takes the exporter's default. The module is traced in eval
+    ``TIMESTEP_DTYPES``. ``exporter`` None takes ``torchscript`` for a ``torch.jit.ScriptModule``
+    (which the dynamo exporter cannot trace) and ``DEFAULT_EXPORTER`` otherwise. ``opset`` None
+    takes the exporter's default. The module is traced in eval
     mode with ``example_batch`` samples, and its training flag is restored afterwards. The export
     is then run once in ONNX Runtime at ``example_batch + 1`` samples. The file is
     written through a temporary file in the same folder, so ``path`` never contains a partial
@@ -98,6 +103,8 @@ def export_onnx(
     """
     import torch
 
+    if exporter is None:
+        exporter = "torchscript" if _is_script_module(module) else DEFAULT_EXPORTER
     if exporter not in EXPORTERS:
         raise CalibexportError(
             f"invalid exporter {exporter!r}; valid choices: {', '.join(EXPORTERS)}."
@@ -212,6 +219,13 @@ def _check_other_batch(path: Path, image_shape: tuple[int, int, int], dtype: np.
         )
 
 
+def _is_script_module(module: torch.nn.Module) -> bool:
+    import torch
+
+    return isinstance(module, torch.jit.ScriptModule) or any(
+        isinstance(child, torch.jit.ScriptModule) for child in module.modules())
+
+
 def _make_adapter(network: torch.nn.Module) -> torch.nn.Module:
     """Wrap ``network`` so that the traced forward has the graph input names ``x`` and ``t``."""
     import torch
@@ -243,7 +257,7 @@ def _run_exporter(adapter: torch.nn.Module, example: tuple, path: Path, exporter
     else:
         kwargs.update(dynamo=False, dynamic_axes={name: {0: BATCH_AXIS_NAME}
                                                   for name in (*INPUT_NAMES, OUTPUT_NAME)})
-    with warnings.catch_warnings(record=True) as caught, _quiet_loggers(_CHATTY_LOGGERS):
+    with warnings.catch_warnings(record=True) as caught, quiet_loggers(_CHATTY_LOGGERS):
         warnings.simplefilter("always")
         try:
             with torch.no_grad():
@@ -256,20 +270,6 @@ def _run_exporter(adapter: torch.nn.Module, example: tuple, path: Path, exporter
             ) from exc
     for message in sorted({str(w.message).splitlines()[0] for w in caught}):
         logger.debug("exporter warning: %s", message)
-
-
-@contextlib.contextmanager
-def _quiet_loggers(minimum_levels: dict[str, int]) -> Iterator[None]:
-    """Raise the named loggers to at least the given levels, then restore their own levels."""
-    loggers = [logging.getLogger(name) for name in minimum_levels]
-    levels = [item.level for item in loggers]
-    for item, minimum in zip(loggers, minimum_levels.values()):
-        item.setLevel(max(item.getEffectiveLevel(), minimum))
-    try:
-        yield
-    finally:
-        for item, level in zip(loggers, levels):
-            item.setLevel(level)
 
 
 def _example_inputs(image_shape: tuple[int, int, int], dtype: np.dtype,

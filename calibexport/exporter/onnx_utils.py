@@ -8,8 +8,10 @@ This module needs onnx only, never torch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 import tempfile
 from pathlib import Path
 
@@ -27,6 +29,20 @@ PROTOBUF_LIMIT_BYTES = 2**31
 # Initializers below this size stay inline in external-data saves and in structure-only copies,
 # so the small shape tensors that shape inference propagates are kept.
 _INLINE_BYTES = 1024
+
+
+@contextlib.contextmanager
+def quiet_loggers(minimum_levels: dict[str, int]) -> Iterator[None]:
+    """Raise the named loggers to at least the given levels, then restore their own levels."""
+    loggers = [logging.getLogger(name) for name in minimum_levels]
+    levels = [item.level for item in loggers]
+    for item, minimum in zip(loggers, minimum_levels.values()):
+        item.setLevel(max(item.getEffectiveLevel(), minimum))
+    try:
+        yield
+    finally:
+        for item, level in zip(loggers, levels):
+            item.setLevel(level)
 
 
 def default_opset(model: onnx.ModelProto) -> int:

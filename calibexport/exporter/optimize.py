@@ -16,7 +16,7 @@ import time
 import onnx
 
 from calibexport.errors import CalibexportError
-from calibexport.exporter.onnx_utils import check_model, is_large
+from calibexport.exporter.onnx_utils import check_model, is_large, quiet_loggers
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,9 @@ def optimize_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     large = is_large(model)
     before = len(model.graph.node)
     try:
-        optimized = onnxscript.optimizer.optimize(model, onnx_shape_inference=not large)
+        # The optimizer logs every skipped or folded node at INFO.
+        with quiet_loggers({"onnxscript": logging.WARNING, "onnx_ir": logging.WARNING}):
+            optimized = onnxscript.optimizer.optimize(model, onnx_shape_inference=not large)
     except Exception as exc:  # the optimizer raises many types; report them as one failure
         raise CalibexportError(
             f"constant folding failed: {type(exc).__name__}: {str(exc).strip()[:500]}. "

@@ -227,8 +227,15 @@ def _is_script_module(module: torch.nn.Module) -> bool:
 
 
 def _make_adapter(network: torch.nn.Module) -> torch.nn.Module:
-    """Wrap ``network`` so that the traced forward has the graph input names ``x`` and ``t``."""
+    """Wrap ``network`` so that the traced forward has the graph input names ``x`` and ``t``.
+
+    A ScriptModule is returned as it is: the tracer cannot call it from inside a Python module,
+    and the TorchScript exporter names the inputs from ``input_names`` by position anyway.
+    """
     import torch
+
+    if isinstance(network, torch.jit.ScriptModule):
+        return network
 
     class TimestepAdapter(torch.nn.Module):
         def __init__(self, network: torch.nn.Module) -> None:

@@ -83,6 +83,11 @@ def load_model(path: str | Path, *, config: str | Path | None = None,
             f"invalid weights choice {weights!r}; valid choices: 'ema' (the exponential moving "
             "average of the training weights, the default) or 'model' (the training weights)."
         )
+    from calibexport.models.sources import load_other_source
+
+    other = load_other_source(path, config, weights)
+    if other is not None:
+        return other
     _check_checkpoint_path(path)
     spec, config_source = _resolve_config(path, config)
 
@@ -379,20 +384,34 @@ def _build_module(spec: ModelSpec, state: dict[str, torch.Tensor], path: Path,
 
     from calibexport.models.unet import DDPMUNet
 
-    if spec.unet.extra.get(MODEL_TYPE_EXTRA_KEY) == "bayesian" and "logvar" in state:
-        logger.info("%s: dropping 'logvar', the learned variance of a DDIM 'bayesian' model, "
-                    "which the noise prediction does not use.", path)
-        state = {k: v for k, v in state.items() if k != "logvar"}
+    if spec.architecture == "factory":
+        from calibexport.models.factory import build_factory_module
 
-    # Built on the meta device, so no time goes into random initialisation of the parameters
-    # that load_state_dict(assign=True) replaces with the checkpoint's tensors.
-    with torch.device("meta"):
-        module = DDPMUNet(spec.unet)
+        module = build_factory_module(spec)
+    elif spec.unet is None:
+        raise CalibexportError(
+            f"config {config_origin} describes a {spec.architecture} network, which is not read "
+            f"from a weights file like {path}; pass the diffusers folder or TorchScript archive "
+            "itself as the model."
+        )
+    else:
+        if spec.unet.extra.get(MODEL_TYPE_EXTRA_KEY) == "bayesian" and "logvar" in state:
+            logger.info("%s: dropping 'logvar', the learned variance of a DDIM 'bayesian' model, "
+                        "which the noise prediction does not use.", path)
+            state = {k: v for k, v in state.items() if k != "logvar"}
+
+        # Built on the meta device, so no time goes into random initialisation of the parameters
+        # that load_state_dict(assign=True) replaces with the checkpoint's tensors.
+        with torch.device("meta"):
+            module = DDPMUNet(spec.unet)
     _check_keys(module, state, path, config_origin)
 
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
     converted = {}
     for key, tensor in state.items():
+        if not tensor.is_floating_point() and spec.architecture == "factory":
+            converted[key] = tensor.detach().contiguous()  # integer buffers of custom modules
+            continue
         if not tensor.is_floating_point():
             raise CalibexportError(
                 f"checkpoint {path}: tensor {key!r} has dtype {tensor.dtype}, expected a "

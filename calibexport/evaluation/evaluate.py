@@ -449,7 +449,9 @@ def evaluate_model(
         results["inputs"] = {**{k: str(v) for k, v in asdict(inputs).items()}, **fingerprint,
                              "eta_sha256": table.sha256, "eta": _eta_summary(table)}
         standard_error = (table.metadata or {}).get("standard_error") or {}
-        results["eta_noise"] = eta_noise_rows(table.values, standard_error.get("row_mean"))
+        # Older sidecars record only the mean standard error per row, not its RMS.
+        row_se = standard_error.get("row_rms") or standard_error.get("row_mean")
+        results["eta_noise"] = eta_noise_rows(table.values, row_se)
         paths = write_outputs(results, out_dir)
         logger.info("Wrote %s after seeds %s.", ", ".join(map(str, paths)),
                     results["seeds_completed"])

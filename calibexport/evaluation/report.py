@@ -139,13 +139,15 @@ def markdown_report(results: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def eta_noise_rows(values: np.ndarray, row_mean_se: Sequence[float] | None,
+def eta_noise_rows(values: np.ndarray, row_se: Sequence[float] | None,
                    timesteps: Sequence[int] = (0, 10, 50, 100, 250, 500, 750, 999)
                    ) -> list[dict[str, float]]:
-    """Return, at some table rows, the RMS of eta over pixels and the mean standard error.
+    """Return, at some table rows, the RMS of eta over pixels against the row's standard error.
 
-    An estimated row has expected mean square eta^2 + SE^2, so ``noise_share`` = SE^2 / RMS^2
-    estimates the fraction of the row's power that is Monte Carlo noise (near 1: mostly noise).
+    ``row_se`` is the RMS over pixels of the per-pixel standard error. An estimated row has
+    expected mean square eta^2 + SE^2, so ``noise_share`` = SE^2 / RMS^2 estimates the fraction
+    of the row's power that is Monte Carlo noise (near 1: mostly noise), and ``signal`` =
+    sqrt(max(RMS^2 - SE^2, 0)) estimates the RMS of the true eta.
     """
     rows = []
     for timestep in timesteps:
@@ -153,20 +155,23 @@ def eta_noise_rows(values: np.ndarray, row_mean_se: Sequence[float] | None,
             continue
         rms = float(np.sqrt(np.mean(np.asarray(values[timestep], dtype=np.float64) ** 2)))
         row = {"timestep": int(timestep), "rms": rms}
-        if row_mean_se is not None:
-            se = float(row_mean_se[timestep])
-            row.update(se=se, noise_share=se**2 / rms**2 if rms > 0 else float("inf"))
+        if row_se is not None:
+            se = float(row_se[timestep])
+            row.update(se=se, noise_share=se**2 / rms**2 if rms > 0 else float("inf"),
+                       signal=math.sqrt(max(rms**2 - se**2, 0.0)))
         rows.append(row)
     return rows
 
 
 def eta_noise_table(results: dict[str, Any]) -> str:
     """Return the markdown table of ``results["eta_noise"]``."""
-    lines = ["| timestep | RMS of eta | mean SE | SE^2 / RMS^2 |", "|---:|---:|---:|---:|"]
+    lines = ["| timestep | RMS of eta | SE (RMS over pixels) | SE^2 / RMS^2 | signal RMS |",
+             "|---:|---:|---:|---:|---:|"]
     for row in results["eta_noise"]:
         se = f"{row['se']:.3g}" if "se" in row else "-"
         share = f"{row['noise_share']:.2f}" if "noise_share" in row else "-"
-        lines.append(f"| {row['timestep']} | {row['rms']:.3g} | {se} | {share} |")
+        signal = f"{row['signal']:.3g}" if "signal" in row else "-"
+        lines.append(f"| {row['timestep']} | {row['rms']:.3g} | {se} | {share} | {signal} |")
     return "\n".join(lines)
 
 

@@ -93,6 +93,7 @@ def test_eta_noise_rows_and_table(results):
     assert rows[0]["rms"] == pytest.approx(0.2)
     assert rows[1]["noise_share"] == pytest.approx(0.01 / 0.09)
     results["eta_noise"] = rows
-    assert "| 10 | 0.3 | 0.1 | 0.11 |" in eta_noise_table(results)
+    assert rows[1]["signal"] == pytest.approx(np.sqrt(0.08))
+    assert "| 10 | 0.3 | 0.1 | 0.11 | 0.283 |" in eta_noise_table(results)
     assert "eta table against its standard error" in markdown_report(results)
     assert "se" not in eta_noise_rows(values, None, timesteps=(0,))[0]

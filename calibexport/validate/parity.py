@@ -287,6 +287,54 @@ def _step_interval(schedule: VPSchedule, step_t: np.ndarray, step: int) -> dict[
     return {"step": step + 1, "from_timestep": float(times[0]), "to_timestep": float(times[1])}
 
 
+def _trajectory_details(schedule: VPSchedule, step_t: np.ndarray, states: np.ndarray,
+                        reference: np.ndarray, tolerance: Tolerance) -> dict[str, Any]:
+    """Describe the per-step error: its size, the first failing step and the largest growth.
+
+    Errors accumulate over a run, so the largest one usually sits at the end. The step where the
+    error grew the most points at the evaluation that introduced it.
+    """
+    diff = np.abs(states.astype(np.float64) - reference)
+    per_step = np.nan_to_num(diff.reshape(len(states), -1).max(axis=1), nan=np.inf)
+    growth = np.nan_to_num(np.diff(np.concatenate([[0.0], per_step])), nan=-np.inf)
+    growth_step = int(np.argmax(growth))
+    growth_info = _step_interval(schedule, step_t, growth_step)
+    growth_info["growth"] = float(growth[growth_step])
+
+    excess = (diff - tolerance.rtol * np.abs(reference)).reshape(len(states), -1).max(axis=1)
+    failing = np.flatnonzero(np.nan_to_num(excess, nan=np.inf) > tolerance.atol)
+    first_failing = None if not len(failing) else _step_interval(schedule, step_t, int(failing[0]))
+
+    details = {
+        "per_step_max_abs": per_step.tolist(),
+        "step_timesteps": schedule.t_to_timestep(step_t).tolist(),
+        "first_failing_step": first_failing,
+        "largest_growth_step": growth_info,
+    }
+    if first_failing is not None:
+        details["failure_hint"] = (
+            f"The state first exceeded the tolerance after step {first_failing['step']} "
+            f"(timesteps {first_failing['from_timestep']:g} to {first_failing['to_timestep']:g})."
+        )
+    return details
+
+
+def _samples_check(run: SamplingRun, final: np.ndarray, reference: np.ndarray,
+                   tolerance: Tolerance, growth_info: dict[str, Any]) -> CheckResult:
+    mse = float(np.mean((final.astype(np.float64) - reference) ** 2))
+    psnr = float("inf") if mse == 0 else 10.0 * np.log10(PSNR_DATA_RANGE**2 / mse)
+    hint = (f"The sampling error grew most in step {growth_info['step']} (timesteps "
+            f"{growth_info['from_timestep']:g} to {growth_info['to_timestep']:g}).")
+    samples = run_check(f"samples/{run.name}", "samples", f"final samples of the {run.name} run",
+                        final, reference, tolerance,
+                        details={"psnr_db": psnr, "largest_growth_step": growth_info,
+                                 "failure_hint": hint})
+    samples.details["worst_sample"] = samples.stats.worst_index
+    samples.worst_timestep = growth_info["to_timestep"]
+    samples.worst_timestep_rule = "end timestep of the step where the state error grew the most"
+    return samples
+
+
 def _sampling_checks(deployed: EpsBackend, schedule: VPSchedule, record: TrajectoryRecord,
                      tolerances: dict[str, Tolerance], num_samples: int) -> list[CheckResult]:
     run = record.run
@@ -296,53 +344,16 @@ def _sampling_checks(deployed: EpsBackend, schedule: VPSchedule, record: Traject
             f"the {run.name} run made {len(states)} steps but the reference made "
             f"{len(record.states)}; the reference was computed with another solver release."
         )
-    step_timesteps = schedule.t_to_timestep(step_t)
-
-    # Per-step error and where it grew most: accumulated errors peak late, growth shows the source.
-    diff = np.abs(states.astype(np.float64) - record.states).reshape(len(states), -1)
-    per_step = np.nan_to_num(diff.max(axis=1), nan=np.inf)
-    growth = np.nan_to_num(np.diff(np.concatenate([[0.0], per_step])), nan=-np.inf)
-    growth_step = int(np.argmax(growth))
-    growth_info = _step_interval(schedule, step_t, growth_step)
-    growth_info["growth"] = float(growth[growth_step])
-
-    trajectory_tol = tolerances["trajectory"]
-    excess = np.abs(states.astype(np.float64) - record.states) - trajectory_tol.rtol * np.abs(
-        record.states)
-    per_step_excess = np.nan_to_num(excess.reshape(len(states), -1).max(axis=1), nan=np.inf)
-    failing = np.flatnonzero(per_step_excess > trajectory_tol.atol)
-    first_failing = None if not len(failing) else _step_interval(schedule, step_t, int(failing[0]))
-
-    details = {
-        "per_step_max_abs": per_step.tolist(),
-        "step_timesteps": step_timesteps.tolist(),
-        "first_failing_step": first_failing,
-        "largest_growth_step": growth_info,
-    }
-    if first_failing is not None:
-        details["failure_hint"] = (
-            f"The state first exceeded the tolerance after step {first_failing['step']} "
-            f"(timesteps {first_failing['from_timestep']:g} to {first_failing['to_timestep']:g})."
-        )
+    details = _trajectory_details(schedule, step_t, states, record.states,
+                                  tolerances["trajectory"])
     description = (f"state after each of the {len(states)} steps of {run.method} order "
                    f"{run.order} with {run.steps} evaluations, {num_samples} samples")
     trajectory = run_check(f"trajectory/{run.name}", "trajectory", description, states,
-                           record.states, trajectory_tol, step_timesteps, details)
+                           record.states, tolerances["trajectory"],
+                           np.asarray(details["step_timesteps"]), details)
     trajectory.worst_timestep_rule = "end timestep of the step with the largest tolerance violation"
-
-    mse = float(np.mean((final.astype(np.float64) - record.final) ** 2))
-    psnr = float("inf") if mse == 0 else 10.0 * np.log10(PSNR_DATA_RANGE**2 / mse)
-    samples = run_check(
-        f"samples/{run.name}", "samples", f"final samples of the {run.name} run", final,
-        record.final, tolerances["samples"],
-        details={"psnr_db": psnr, "largest_growth_step": growth_info,
-                 "failure_hint": f"The sampling error grew most in step {growth_info['step']} "
-                 f"(timesteps {growth_info['from_timestep']:g} to "
-                 f"{growth_info['to_timestep']:g})."},
-    )
-    samples.details["worst_sample"] = samples.stats.worst_index
-    samples.worst_timestep = growth_info["to_timestep"]
-    samples.worst_timestep_rule = "end timestep of the step where the state error grew the most"
+    samples = _samples_check(run, final, record.final, tolerances["samples"],
+                             details["largest_growth_step"])
     return [trajectory, samples]
 
 

@@ -267,6 +267,8 @@ def _run(deployed: Any, artifact_dir: Path, manifest: Manifest, table: Any, sche
          facts: dict[str, Any], config: ParityConfig, options: ValidateOptions,
          loaded: LoadedModel | None) -> tuple[ParityResult, str]:
     """Run parity against the saved reference file or the PyTorch model; describe the reference."""
+    # Sampling runs convert an x0 or v output to eps (calibexport.runtime.sampler.make_eps_fn).
+    deployed.prediction_type = manifest.prediction_type
     if options.reference is not None:
         from calibexport.validate.reference_file import load_reference
 
@@ -285,7 +287,8 @@ def _run(deployed: Any, artifact_dir: Path, manifest: Manifest, table: Any, sche
 
     loaded = _load_torch_reference(artifact_dir, manifest, loaded)
     reference = TorchCalibratedBackend(loaded.module, table, deployed.image_shape,
-                                       deployed.timestep_dtype)
+                                       deployed.timestep_dtype,
+                                       prediction_type=manifest.prediction_type, schedule=schedule)
     result = run_parity(deployed, reference, schedule, table.values.shape[0], config,
                         record_calls=options.save_inputs is not None)
     result.reference.source["description"] = "PyTorch eager float32 on the CPU"

@@ -28,9 +28,19 @@ def build(
     config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
     weights: str = typer.Option("ema", "--weights", help=WEIGHTS_HELP),
     exporter: Optional[str] = typer.Option(
-        None, help="torch ONNX exporter: dynamo (default) or torchscript."
+        None, help="torch ONNX exporter: dynamo or torchscript (default: dynamo, or torchscript "
+        "for TorchScript archives). Recorded in the manifest.",
     ),
-    opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the exporter's)."),
+    opset: Optional[int] = typer.Option(
+        None, help="ONNX opset (default: the exporter's). Recorded in the manifest."
+    ),
+    precision: str = typer.Option(
+        "fp32", "--precision", help="fp32, or fp16 with the timestep embedding, normalization, "
+        "softmax and eta subtraction kept in fp32 (a NaN/Inf scan over all timesteps runs).",
+    ),
+    optimize: bool = typer.Option(
+        True, "--optimize/--no-optimize", help="Fold constants and infer shapes in the graph."
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing artifact directory."
     ),
@@ -40,7 +50,10 @@ def build(
     allow_mismatch: bool = typer.Option(
         False, "--allow-mismatch", help="Accept an eta table estimated for other weights."
     ),
-    tolerance: str = typer.Option("fp32-cpu", "--tolerance", help="Parity tolerance preset."),
+    tolerance: Optional[str] = typer.Option(
+        None, "--tolerance", help="Parity tolerance preset (default: fp16 for fp16 builds, else "
+        "fp32-cpu).",
+    ),
     batch_sizes: Optional[str] = typer.Option(
         None, "--batch-sizes", help="TensorRT optimization profile MIN,OPT,MAX: the engine "
         "accepts batch sizes MIN..MAX and is tuned for OPT (default: 1,8,64)."
@@ -66,6 +79,7 @@ def build(
     options = BuildOptions(model=model, eta=eta, out=out, config=config, weights=weights,
                            exporter=exporter, opset=opset, overwrite=overwrite, validate=validate,
                            allow_mismatch=allow_mismatch, tolerance_preset=tolerance,
+                           precision=precision, optimize=optimize,
                            batch_sizes=batch_sizes, engine=engine, engine_cache=engine_cache)
     try:
         result = build_artifact(options)

@@ -15,11 +15,15 @@ from calibexport.errors import CalibexportError
 from calibexport.exporter.atomic import atomic_directory
 from calibexport.exporter.fold import save_onnx
 from calibexport.exporter.fold_compressed import fold_table
+from calibexport.exporter.fp16 import PRECISIONS, Fp16Report, convert_to_fp16
+from calibexport.exporter.fp16_scan import scan_fp16_range, scan_non_finite
 from calibexport.exporter.manifest import MANIFEST_VERSION, build_manifest, write_manifest
 from calibexport.exporter.onnx_export import export_onnx
+from calibexport.exporter.optimize import optimize_graph
 from calibexport.exporter.tensorrt_engine import build_engine_step
 from calibexport.models.loaders import LoadedModel, load_model
 from calibexport.runtime.eta_table import EtaTable, check_compatible, load_eta_table
+from calibexport.runtime.prediction import table_log_alpha
 from calibexport.runtime.schedule import schedule_from_spec
 
 logger = logging.getLogger(__name__)
@@ -37,7 +41,12 @@ class BuildOptions:
     overwrite: bool = False
     validate: bool = True
     allow_mismatch: bool = False
-    tolerance_preset: str = "fp32-cpu"
+    #: Parity tolerance preset; None takes "fp16" for fp16 builds and "fp32-cpu" otherwise.
+    tolerance_preset: str | None = None
+    #: fp32, or fp16 with fp32 islands (calibexport.exporter.fp16).
+    precision: str = "fp32"
+    #: Fold constants and infer shapes in the exported graph (calibexport.exporter.optimize).
+    optimize: bool = True
     #: TensorRT engine batch sizes MIN,OPT,MAX (default 1,8,64); used where an engine is built.
     batch_sizes: str | None = None
     #: Build model.plan when TensorRT 10+ and an NVIDIA GPU are present.
@@ -55,11 +64,10 @@ class BuildResult:
 
 def check_eta_matches_model(table: EtaTable, loaded: LoadedModel, allow_mismatch: bool) -> None:
     """Reject a table estimated for other weights unless ``allow_mismatch`` is set."""
-    unet = loaded.spec.unet
     # One row per model input time of the schedule, which a 'betas' or continuous spec does not
     # state as num_timesteps.
     num_timesteps = len(table_coefficients(schedule_from_spec(loaded.spec.schedule))[0])
-    check_compatible(table, (unet.in_channels, unet.resolution, unet.resolution), num_timesteps)
+    check_compatible(table, loaded.spec.image_shape, num_timesteps)
     if table.metadata is None:
         logger.info("%s has no eta.json sidecar: schedule and weights digest are taken from the model.", table.path)
         return
@@ -83,8 +91,8 @@ def build_artifact(options: BuildOptions) -> BuildResult:
     loaded = load_model(options.model, config=options.config, weights=options.weights)
     table = load_eta_table(options.eta)
     check_eta_matches_model(table, loaded, options.allow_mismatch)
-    unet = loaded.spec.unet
-    image_shape = (unet.in_channels, unet.resolution, unet.resolution)
+    image_shape = loaded.spec.image_shape
+    precision = _check_precision(options.precision)
     rejected = options.out.with_name(options.out.name + ".rejected")
 
     with atomic_directory(options.out, overwrite=options.overwrite) as tmp:
@@ -104,17 +112,39 @@ def build_artifact(options: BuildOptions) -> BuildResult:
             "calibexport.eta_sha256": table.sha256,
             "calibexport.weights_sha256": loaded.weights_sha256,
         }
-        folded = fold_table(onnx.load(str(network_path)), table, timestep_input="t", metadata=metadata)
+        network = onnx.load(str(network_path))
+        for path in (network_path, network_path.with_name(network_path.name + ".data")):
+            path.unlink(missing_ok=True)
+        if options.optimize:
+            network = optimize_graph(network)
+        fp32_network, fp16_report = network, None
+        if precision == "fp16":
+            fp16_report = Fp16Report()
+            network = convert_to_fp16(network, report=fp16_report)
+            metadata["calibexport.precision"] = "fp16"
+        prediction_type = loaded.spec.prediction_type
+        log_alpha = None
+        if prediction_type != "eps":
+            log_alpha = table_log_alpha(schedule_from_spec(loaded.spec.schedule), len(table.values))
+        folded = fold_table(network, table, timestep_input="t", metadata=metadata,
+                            prediction_type=prediction_type, log_alpha=log_alpha)
         save_onnx(folded, tmp / "model.onnx")
-        network_path.unlink()
+        if fp16_report is not None:
+            scan_fp16_range(fp32_network, fp16_report.fp16_values, num_timesteps=len(table.values))
+            scan_non_finite(tmp / "model.onnx", num_timesteps=len(table.values))
         table_files = _copy_table(table, tmp)
 
-        files = ["model.onnx", *table_files]
+        # A model past the 2 GiB protobuf limit keeps its weights in model.onnx.data.
+        weight_files = ["model.onnx.data"] if (tmp / "model.onnx.data").exists() else []
+        files = ["model.onnx", *weight_files, *table_files]
         manifest = build_manifest(
             tmp, schedule=loaded.spec.schedule, prediction_type=loaded.spec.prediction_type,
             image_shape=image_shape, num_timesteps=table.values.shape[0],
-            weights_sha256=loaded.weights_sha256, model_path=Path(options.model).resolve(),
-            config=_config_reference(options.config), weights=options.weights, export_info=export_info,
+            weights_sha256=loaded.weights_sha256, model_path=_model_reference(options.model),
+            config=_config_reference(options.config), weights=options.weights,
+            export_info={**export_info.to_dict(), "precision": precision,
+                         "optimized": options.optimize,
+                         **({"fp16": fp16_report.to_dict()} if fp16_report else {})},
             eta_sha256=table.sha256, files=files,
         )
         write_manifest(tmp, manifest)
@@ -127,7 +157,8 @@ def build_artifact(options: BuildOptions) -> BuildResult:
         if options.validate:
             from calibexport.validate.run import validate_directory
 
-            report = validate_directory(tmp, loaded=loaded, tolerance_preset=options.tolerance_preset)
+            preset = options.tolerance_preset or ("fp16" if precision == "fp16" else "fp32-cpu")
+            report = validate_directory(tmp, loaded=loaded, tolerance_preset=preset)
             passed = report["status"] == "PASSED"
             if not passed:
                 if rejected.exists():
@@ -164,6 +195,23 @@ def _copy_table(table: EtaTable, directory: Path) -> list[str]:
         save_eta_table(directory / "eta.npy", table.values, table.metadata)
         names = ["eta.npy"]
     return names + (["eta.json"] if table.metadata is not None else [])
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise CalibexportError(
+            f"invalid precision {precision!r}; valid choices: {', '.join(PRECISIONS)}."
+        )
+    return precision
+
+
+def _model_reference(model: Path | str) -> str:
+    """Record a model path absolutely, and a package.module:function factory as written."""
+    from calibexport.models.factory import is_factory_reference
+
+    if is_factory_reference(str(model)) and not Path(model).exists():
+        return str(model)
+    return str(Path(model).resolve())
 
 
 def _config_reference(config: str | None) -> str | None:

@@ -222,3 +222,22 @@ def test_large_model_valid_graph_passes(monkeypatch, eta, make_network, run_onnx
     t = np.array([1.0], dtype=np.float32)
     np.testing.assert_allclose(run_onnx(folded, images(1), t),
                                run_onnx(make_network(), images(1), t) - eta[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64"])
+def test_runtime_feeds_integer_timesteps_rounded(tmp_path, dtype, eta, make_network, caplog):
+    # The runtime reads the timestep dtype from the graph and rounds solver times to the nearest
+    # step: timestep 3.6 evaluates row 4, never the truncated row 3.
+    from calibexport.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from calibexport.runtime.sampler import make_eps_fn
+
+    path = tmp_path / "model.onnx"
+    onnx_utils.save_onnx(fold_eta(make_network(timestep_dtype=dtype), eta), path)
+    x = images(2)
+    with OnnxRuntimeBackend(path) as backend:
+        assert backend.timestep_dtype == np.dtype(dtype)
+        solver_t = SCHEDULE.timestep_to_t(np.array([3.6, 8.2]))
+        got = make_eps_fn(backend, SCHEDULE)(x, solver_t)
+        expected = backend.eps(x, np.array([4, 8]))
+    np.testing.assert_array_equal(got, expected)
+    assert "rounding solver times to the nearest step" in caplog.text

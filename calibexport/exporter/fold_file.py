@@ -32,7 +32,7 @@ SCHEDULE_METADATA_KEY = "calibexport.schedule"
 
 @dataclass
 class FoldResult:
-    """What ``fold_file`` wrote and how it read the source graph."""
+    """The file ``fold_file`` wrote, and the timestep input and schedule it used."""
 
     out: Path
     timestep_input: str

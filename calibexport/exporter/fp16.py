@@ -54,7 +54,7 @@ _SUFFIX = "/fp16"
 
 @dataclass
 class Fp16Report:
-    """Which nodes a conversion kept in float32, by island, and how many run in float16."""
+    """The float32 islands of a conversion, its float16 node count and the float16 values."""
 
     fp16_nodes: int = 0
     islands: dict[str, list[str]] = field(default_factory=dict)

@@ -5,8 +5,8 @@ timestep) and a few timesteps per call:
 
 * ``scan_non_finite`` evaluates the built fp16 model and fails on the first NaN or Inf output.
 * ``scan_fp16_range`` evaluates the float32 network with every value that the fp16 graph
-  computes in float16 as an extra output, and fails on the first timestep where one of them
-  exceeds float16's maximum of 65504, so that the fp16 model would overflow there.
+  computes in float16 as an extra output. It fails on the first timestep where one of them
+  exceeds float16's maximum of 65504, because the fp16 model would overflow there.
 
 The second scan is needed on the CPU: ONNX Runtime's CPU provider (1.32) has no float16 kernels
 for many ops (Mul, Add, ...), so it computes them in float32 between inserted casts and then

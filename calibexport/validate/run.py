@@ -11,7 +11,7 @@ import logging
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -211,7 +211,7 @@ def validate_directory(artifact_dir: Path, *, loaded: LoadedModel | None = None,
     """
     options = options or ValidateOptions()
     if tolerance_preset is not None:
-        options.tolerance_preset = tolerance_preset
+        options = replace(options, tolerance_preset=tolerance_preset)
     check_options(options)
     artifact_dir = Path(artifact_dir)
     manifest = load_manifest(artifact_dir)
@@ -234,33 +234,42 @@ def validate_directory(artifact_dir: Path, *, loaded: LoadedModel | None = None,
         result.environment = _environment(deployed, options.tf32, options.reference is None)
         reproduce = None
         if options.save_inputs is not None:
-            from calibexport.validate.polygraphy_files import save_polygraphy_files
-
-            evaluation = config.tolerances["evaluation"]
-            reproduce = save_polygraphy_files(
-                options.save_inputs, result.reference, x_input=deployed.x_input,
-                timestep_input=deployed.timestep_input, timestep_dtype=deployed.timestep_dtype,
-                output_name=deployed.output_name, model_path=artifact_dir / "model.onnx",
-                tolerance=(evaluation.atol, evaluation.rtol),
-            )
+            reproduce = _save_inputs(options.save_inputs, result, deployed, config,
+                                     artifact_dir / "model.onnx")
         deployed_text = f"ONNX Runtime {', '.join(deployed.session.get_providers())}, model.onnx"
 
     if options.save_reference is not None:
         from calibexport.validate.reference_file import save_reference
 
-        result.reference.source.update(environment=result.environment,
+        result.reference.source.update(environment=result.environment, config=result.config,
                                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         save_reference(options.save_reference, result.reference, facts)
     subject = {"artifact": str(artifact_dir), "deployed": deployed_text,
                "reference": reference_text, "eta_sha256": table.sha256,
                "weights_sha256": manifest.weights_sha256,
                "reference_file": None if options.reference is None else str(options.reference)}
-    tolerances = {"preset": preset, "overrides": config.tolerance_overrides,
-                  "levels": {level: {"atol": tol.atol, "rtol": tol.rtol}
-                             for level, tol in config.tolerances.items()}}
-    report = parity_to_dict(result, subject, tolerances, reproduce)
+    report = parity_to_dict(result, subject, _tolerances_dict(preset, config), reproduce)
     write_reports(report, Path(report_dir or artifact_dir))
     return report
+
+
+def _tolerances_dict(preset: str, config: ParityConfig) -> dict[str, Any]:
+    return {"preset": preset, "overrides": config.tolerance_overrides,
+            "levels": {level: {"atol": tol.atol, "rtol": tol.rtol}
+                       for level, tol in config.tolerances.items()}}
+
+
+def _save_inputs(directory: Path, result: ParityResult, deployed: Any, config: ParityConfig,
+                 model_path: Path) -> dict[str, Any]:
+    from calibexport.validate.polygraphy_files import save_polygraphy_files
+
+    evaluation = config.tolerances["evaluation"]
+    return save_polygraphy_files(
+        directory, result.reference, x_input=deployed.x_input,
+        timestep_input=deployed.timestep_input, timestep_dtype=deployed.timestep_dtype,
+        output_name=deployed.output_name, model_path=model_path,
+        tolerance=(evaluation.atol, evaluation.rtol),
+    )
 
 
 def _run(deployed: Any, artifact_dir: Path, manifest: Manifest, table: Any, schedule: Any,
@@ -277,6 +286,8 @@ def _run(deployed: Any, artifact_dir: Path, manifest: Manifest, table: Any, sche
         config.seed, config.num_samples = saved.seed, saved.num_samples
         config.runs = tuple(record.run for record in saved.trajectories)
         result = compare_with_reference(deployed, schedule, saved, config)
+        # The saved inputs were chosen with the saving run's settings, such as max_rows.
+        result.config = {**result.config, **saved.source.get("config", {})}
         environment = saved.source.get("environment", {})
         text = (f"saved {saved.source.get('backend')} outputs from {options.reference} "
                 f"(platform {environment.get('platform', 'unknown')}, created "

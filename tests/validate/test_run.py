@@ -184,6 +184,27 @@ def test_reference_for_other_weights_is_rejected(tiny_artifact, tmp_path):
                            options=ValidateOptions(reference=reference))
 
 
+def test_reference_run_reports_saved_settings(tiny_artifact, tmp_path):
+    reference = tmp_path / "reference.json"
+    options = ValidateOptions(runs="ddim:1:3", max_rows=4, seed=3, save_reference=reference)
+    validate_directory(tiny_artifact, report_dir=tmp_path / "saved", options=options)
+    report = validate_directory(tiny_artifact, report_dir=tmp_path / "compared",
+                                options=ValidateOptions(reference=reference))
+    assert report["config"]["max_rows"] == 4
+    assert report["config"]["seed"] == 3
+    assert report["config"]["runs"] == ["ddim_order1_nfe3"]
+    integer = report["checks"][0]
+    assert "4 evenly spaced rows" in integer["description"]
+
+
+def test_preset_argument_leaves_options_unchanged(tiny_artifact, tmp_path):
+    options = ValidateOptions(runs="ddim:1:3", max_rows=4)
+    report = validate_directory(tiny_artifact, report_dir=tmp_path, tolerance_preset="fp16",
+                                options=options)
+    assert report["tolerances"]["preset"] == "fp16"
+    assert options.tolerance_preset == "auto"
+
+
 def test_damaged_reference_is_rejected(tiny_artifact, tmp_path):
     reference = tmp_path / "reference.json"
     reference.write_text(json.dumps({"format": "calibexport.parity-reference", "version": 1}))

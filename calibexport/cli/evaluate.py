@@ -47,6 +47,10 @@ def evaluate(
         None, help="Digits classifier weights (default: examples/digits/classifier.safetensors)."
     ),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
+    exporter: Optional[str] = typer.Option(
+        None, help="torch ONNX exporter for the onnxruntime backend: dynamo (default) or "
+        "torchscript."
+    ),
     config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
     weights: str = typer.Option("ema", "--weights", help=WEIGHTS_HELP),
     allow_mismatch: bool = typer.Option(
@@ -90,7 +94,8 @@ def evaluate(
     context = rank_context()
     try:
         evaluate_model(inputs, options, out, backend=backend, feature_spaces=spaces,
-                       classifier=classifier, threads=threads, overwrite=overwrite,
+                       classifier=classifier, threads=threads, exporter=exporter,
+                       overwrite=overwrite,
                        context=context)
     finally:
         context.close()

@@ -21,7 +21,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +126,12 @@ class _Unit:
 
 @dataclass
 class _Progress:
+    """Network evaluations planned and done; ``generated`` and ``seconds`` exclude cached sets."""
+
     total: int
     done: int = 0
+    generated: int = 0
     seconds: float = 0.0
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def generate_samples(
@@ -244,10 +246,15 @@ class Evaluation:
             )
             samples = self.context.gather(share)
             if self.context.is_main:
-                np.save(path, samples)
+                # Write then rename, so an interrupted run leaves no truncated cache file.
+                partial = path.with_name(path.name + ".partial")
+                with open(partial, "wb") as handle:
+                    np.save(handle, samples)
+                partial.replace(path)
         seconds = time.perf_counter() - start
         progress.done += evaluations
         if not cached:
+            progress.generated += evaluations
             progress.seconds += seconds
         if self.context.is_main:
             self.metrics[unit.calibrated, unit.name] = self._measure(samples)
@@ -273,8 +280,10 @@ class Evaluation:
         config = unit.config
         measured = self.metrics[unit.calibrated, unit.name]
         fds = ", ".join(f"{space} {value['fd']:.4g}" for space, value in measured.items())
-        rate = progress.done / progress.seconds if progress.seconds > 0 else float("nan")
-        remaining = (progress.total - progress.done) / rate if progress.seconds > 0 else 0.0
+        remaining = 0.0
+        if progress.generated > 0:
+            rate = progress.generated / progress.seconds
+            remaining = (progress.total - progress.done) / rate
         how = "cached"
         if not cached:
             how = f"{seconds:.1f}s, {evaluations / max(seconds, 1e-9):.0f} eval/s"
@@ -331,7 +340,8 @@ def _eta_summary(table: EtaTable) -> dict[str, Any]:
 
 
 def _open_backend(name: str, loaded: Any, image_shape: tuple[int, int, int], work_dir: Path,
-                  context: RankContext, threads: int | None) -> EpsBackend:
+                  context: RankContext, threads: int | None,
+                  exporter: str | None = None) -> EpsBackend:
     """Open the uncalibrated network: ONNX Runtime on an export in ``work_dir``, or torch."""
     if name == "torch":
         import torch
@@ -348,7 +358,8 @@ def _open_backend(name: str, loaded: Any, image_shape: tuple[int, int, int], wor
 
     path = work_dir / "network.onnx"
     if context.is_main and not path.is_file():
-        export_onnx(loaded.module, path, image_shape=image_shape)
+        export_options = {"exporter": exporter} if exporter else {}
+        export_onnx(loaded.module, path, image_shape=image_shape, **export_options)
     context.barrier()
     return OnnxRuntimeBackend(path, intra_op_threads=threads)
 
@@ -402,6 +413,7 @@ def evaluate_model(
     feature_spaces: Sequence[str] = ("classifier", "pixel"),
     classifier: Path | None = None,
     threads: int | None = None,
+    exporter: str | None = None,
     overwrite: bool = False,
     context: RankContext | None = None,
 ) -> dict[str, Any]:
@@ -439,7 +451,7 @@ def evaluate_model(
     if context.is_main:
         prepare_work_dir(out_dir, fingerprint, overwrite)
     context.barrier()
-    engine = _open_backend(backend, loaded, image_shape, out_dir, context, threads)
+    engine = _open_backend(backend, loaded, image_shape, out_dir, context, threads, exporter)
     schedule = schedule_from_spec(loaded.spec.schedule)
     evaluation = Evaluation(engine, table, schedule, reference, features, options, out_dir,
                             context)

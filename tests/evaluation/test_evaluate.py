@@ -40,10 +40,12 @@ def evaluated(tmp_path_factory, tiny_model, tiny_eta, reference_npy):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("evaluation")
     inputs = ModelInputs(model=tiny_model, eta=tiny_eta, data=str(reference_npy))
-    results = evaluate_model(inputs, SMALL, out, feature_spaces=("pixel",), threads=1)
+    results = evaluate_model(inputs, SMALL, out, feature_spaces=("pixel",), threads=1,
+                             exporter="torchscript")
     return out, results
 
 
+@pytest.mark.slow
 def test_offset_backend_matches_folded_artifact(tiny_artifact, tiny_eta, evaluated):
     out, _ = evaluated
     table = load_eta_table(tiny_eta)
@@ -129,7 +131,8 @@ def test_rerun_reuses_cached_samples(evaluated, tiny_model, tiny_eta, reference_
     out, results = evaluated
     inputs = ModelInputs(model=tiny_model, eta=tiny_eta, data=str(reference_npy))
     with caplog.at_level("INFO"):
-        again = evaluate_model(inputs, SMALL, out, feature_spaces=("pixel",), threads=1)
+        again = evaluate_model(inputs, SMALL, out, feature_spaces=("pixel",), threads=1,
+                               exporter="torchscript")
     assert again["rows"] == results["rows"]
     assert "cached" in caplog.text
     assert "eval/s" not in caplog.text

@@ -10,7 +10,7 @@ from calibexport.calibration_tables.estimate import estimate_eta
 from calibexport.errors import CalibexportError
 from calibexport.models import DDPMUNet, UNetConfig
 from calibexport.models.eps_adapter import EpsAdapter, as_eps_network
-from calibexport.runtime.prediction import alpha_sigma_at_timesteps, from_eps
+from calibexport.runtime.prediction import alpha_sigma_at_timesteps, calibrate_output, from_eps
 from calibexport.runtime.schedule import DiscreteVPSchedule
 
 SCHEDULE = DiscreteVPSchedule.linear(beta_start=1e-3, beta_end=0.2, num_timesteps=12)
@@ -84,3 +84,34 @@ def test_x0_and_v_networks_calibrate_to_the_eps_table(eps_net, prediction_type):
                             **options)
     np.testing.assert_allclose(estimate.eta, reference.eta, atol=2e-4)
     assert np.abs(reference.eta).max() > 1e-2
+
+
+class CalibratedNet(torch.nn.Module):
+    """``network`` corrected by ``eta`` in its own units, with calibrate_output on tensors."""
+
+    def __init__(self, network: torch.nn.Module, prediction_type: str, eta: torch.Tensor) -> None:
+        super().__init__()
+        self.network = network
+        self.prediction_type = prediction_type
+        self.eta = eta
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = alpha_sigma_at_timesteps(SCHEDULE, timestep.numpy())
+        alpha = torch.from_numpy(alpha).reshape(-1, 1, 1, 1)
+        sigma = torch.from_numpy(sigma).reshape(-1, 1, 1, 1)
+        output = self.network(x, timestep).double()
+        rows = self.eta[timestep.long()].double()
+        return calibrate_output(self.prediction_type, output, rows, alpha, sigma).float()
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
+def test_torch_calibrated_network_implies_eps_minus_eta(eps_net, prediction_type):
+    eta = torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 0.1
+    network = ReparameterizedNet(eps_net, prediction_type)
+    calibrated = EpsAdapter(CalibratedNet(network, prediction_type, eta), prediction_type, SCHEDULE)
+    x, _ = inputs()
+    timestep = torch.tensor([0.0, 5.0, 11.0])
+    with torch.no_grad():
+        expected = eps_net(x, timestep) - eta[timestep.long()]
+        got = calibrated(x, timestep)
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)

@@ -1,4 +1,4 @@
-"""Builds with other precisions, exporters, prediction types and sizes, end to end on tiny models."""
+"""Builds with other precisions, exporters, prediction types and sizes, on tiny models."""
 
 from __future__ import annotations
 

@@ -32,36 +32,35 @@ def load_other_source(path: str | Path, config: str | Path | None,
                       weights: str) -> LoadedModel | None:
     """Load ``path`` if it is a factory reference, a diffusers folder or a TorchScript archive."""
     from calibexport.models.diffusers_unet import find_unet_directory, load_diffusers_unet
+    from calibexport.models.loaders import load_spec
     from calibexport.models.torchscript import is_torchscript_archive, load_torchscript
 
     start = time.perf_counter()
     text = str(path)
     path = Path(path)
     if is_factory_reference(text) and not path.exists():
-        module, spec = load_factory_network(text, _config_spec(path, config, required=False))
+        spec = load_spec(config) if config is not None else None
+        module, spec = load_factory_network(text, spec)
         return _loaded(module, spec, "factory", text, config, weights, start)
     if find_unet_directory(path) is not None:
         module, spec = load_diffusers_unet(path, config)
         return _loaded(module, spec, "diffusers", str(path), config, weights, start)
     if is_torchscript_archive(path):
-        spec = _config_spec(path, config, required=True)
-        assert spec is not None
+        spec = _config_spec(path, config)
         module = load_torchscript(path)
         return _loaded(module, spec, "torchscript", str(path), config, weights, start)
     return None
 
 
-def _config_spec(path: Path, config: str | Path | None, required: bool) -> ModelSpec | None:
-    """Return the spec from ``config`` or from NAME.json beside ``path``, or None if optional."""
+def _config_spec(path: Path, config: str | Path | None) -> ModelSpec:
+    """Return the spec from ``config`` or from NAME.json beside the archive ``path``."""
     from calibexport.models.loaders import load_spec
 
     if config is not None:
         return load_spec(config)
     beside = path.with_suffix(".json")
-    if path.suffix and beside.is_file():
+    if beside.is_file():
         return load_spec(beside)
-    if not required:
-        return None
     raise CalibexportError(
         f"no model config for {path}: the archive stores no image shape, schedule or prediction "
         f"type. Write {beside.name} beside it, or pass --config, with for example "

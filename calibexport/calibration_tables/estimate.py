@@ -489,7 +489,10 @@ def _accumulate(
              for name in ("sums", "squares", "noise_sums", "noise_squares", "cross")}
 
     total = int((ranges[:, 1] - ranges[:, 0]).sum())
-    bar = tqdm(total=total, unit="eval", file=sys.stderr, disable=not progress, desc="eta")
+    # Outside a terminal (CI logs, files) update rarely: each update is another line fragment.
+    interval = 0.1 if sys.stderr.isatty() else 15.0
+    bar = tqdm(total=total, unit="eval", file=sys.stderr, disable=not progress, desc="eta",
+               mininterval=interval)
     pieces = _pieces(images, ranges, estimator, seed, common_noise)
     with bar:
         for rows, x0_index, noise in _batches(pieces, batch_size):

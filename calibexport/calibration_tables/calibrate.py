@@ -60,6 +60,11 @@ def calibrate_to_file(
     to ``estimate_eta``; a shard cannot sample to a target, because that needs all rows' sums.
     """
     check_output_folder(resolve_table_path(out).parent)
+    if str(data).split(":")[0] != "digits" and not Path(data).exists():
+        raise CalibexportError(
+            f"data source {data} not found; pass a folder of images, a .npy/.npz file or "
+            "'digits' (also digits:train, digits:test, digits:all)."
+        )
     loaded = load_model(model, config=config, weights=weights)
     channels, resolution, _ = loaded.spec.image_shape
     images = load_data(data, channels=channels, resolution=resolution)

@@ -166,6 +166,10 @@ def _checked_metadata(metadata: dict[str, Any], eta: np.ndarray) -> dict[str, An
 def _temporary_beside(target: Path, temporaries: list[Path]) -> Path:
     handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(handle)
+    # mkstemp creates mode 0600; give the table the mode any new file gets under the umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
     temporaries.append(Path(name))
     return Path(name)
 

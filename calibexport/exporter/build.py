@@ -88,8 +88,13 @@ def build_artifact(options: BuildOptions) -> BuildResult:
     inspection, so no later run can mistake them for a validated artifact.
     """
     start = time.perf_counter()
-    loaded = load_model(options.model, config=options.config, weights=options.weights)
+    # Cheap checks first, so a typo does not cost a model load.
     table = load_eta_table(options.eta)
+    if options.out.exists() and not options.overwrite:
+        raise CalibexportError(
+            f"{options.out} already exists; pass --overwrite to replace it or choose another --out."
+        )
+    loaded = load_model(options.model, config=options.config, weights=options.weights)
     check_eta_matches_model(table, loaded, options.allow_mismatch)
     image_shape = loaded.spec.image_shape
     precision = _check_precision(options.precision)

@@ -25,6 +25,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     # Plain help text: square brackets such as eta[t] must not be read as markup.
     rich_markup_mode=None,
+    # Wide enough that each command's one-line summary in --help is not cut off.
+    context_settings={"max_content_width": 120},
 )
 
 EXIT_PARITY_FAILED = 1

@@ -51,8 +51,8 @@ def build(
         False, "--allow-mismatch", help="Accept an eta table estimated for other weights."
     ),
     tolerance: Optional[str] = typer.Option(
-        None, "--tolerance", help="Parity tolerance preset (default: fp16 for fp16 builds, else "
-        "fp32-cpu).",
+        None, "--tolerance", help="Parity tolerance preset: fp32-cpu, fp32-gpu or fp16 (default: fp16 for "
+        "fp16 builds, else fp32-cpu).",
     ),
     batch_sizes: Optional[str] = typer.Option(
         None, "--batch-sizes", help="TensorRT optimization profile MIN,OPT,MAX: the engine "

@@ -15,7 +15,11 @@ from calibexport.cli.app import CONFIG_HELP, MODEL_HELP, WEIGHTS_HELP, app, user
 def calibrate(
     model: Path = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     data: str = typer.Option(
-        ..., "--data", "-d", help="Images: a folder, a .npy/.npz array, or 'digits'."
+        ...,
+        "--data",
+        "-d",
+        help="Images: a folder, a .npy/.npz array, or 'digits' (also digits:train, digits:test, "
+        "digits:all).",
     ),
     out: Path = typer.Option(
         ..., "--out", "-o", help="Output table eta.npy; the sidecar eta.json is written beside it."

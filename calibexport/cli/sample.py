@@ -21,7 +21,9 @@ def sample(
     ),
     num_samples: int = typer.Option(64, "-n", "--num-samples", help="Number of images."),
     steps: int = typer.Option(20, help="Network evaluations (NFE)."),
-    order: int = typer.Option(3, help="Solver order: 1, 2 or 3."),
+    order: Optional[int] = typer.Option(
+        None, help="Solver order: 1, 2 or 3 (default: 3, or 1 for ddim)."
+    ),
     method: str = typer.Option(
         "singlestep", help="singlestep, singlestep_fixed, multistep or ddim."
     ),
@@ -41,6 +43,8 @@ def sample(
     ),
 ) -> None:
     """Sample images with DPM-Solver or DDIM from a built artifact (ONNX Runtime)."""
+    if order is None:
+        order = 1 if method == "ddim" else 3
     from calibexport.imaging import save_grid_png
     from calibexport.runtime.sampler import Sampler
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import re
 import time
@@ -387,6 +388,14 @@ def _build_module(spec: ModelSpec, state: dict[str, torch.Tensor], path: Path,
     if spec.architecture == "factory":
         from calibexport.models.factory import build_factory_module
 
+        # A config file must not be able to run code by naming a function to import and call.
+        if os.environ.get("CALIBEXPORT_TRUST_CODE") != "1":
+            raise CalibexportError(
+                f"config {config_origin} names a factory function "
+                f"{spec.options.get('factory')!r}, which would import and run code; set "
+                "CALIBEXPORT_TRUST_CODE=1 if you trust this config, or pass the factory itself "
+                "as --model package.module:function."
+            )
         module = build_factory_module(spec)
     elif spec.unet is None:
         raise CalibexportError(

@@ -141,7 +141,8 @@ def test_factory_returning_network_and_config():
     assert loaded.source["format"] == "factory"
 
 
-def test_factory_with_checkpoint_weights(tmp_path):
+def test_factory_with_checkpoint_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("CALIBEXPORT_TRUST_CODE", "1")
     torch.manual_seed(5)
     trained = OffsetNet(width=6)
     weights = tmp_path / "custom.pt"
@@ -156,7 +157,21 @@ def test_factory_with_checkpoint_weights(tmp_path):
     torch.testing.assert_close(predict(loaded.module, x, t), predict(trained, x, t))
 
 
-def test_factory_checkpoint_key_mismatch(tmp_path):
+def test_factory_config_needs_trust(tmp_path, monkeypatch):
+    monkeypatch.delenv("CALIBEXPORT_TRUST_CODE", raising=False)
+    weights = tmp_path / "custom.pt"
+    torch.save(OffsetNet(width=6).state_dict(), weights)
+    config = tmp_path / "custom.json"
+    config.write_text(json.dumps({
+        "architecture": "factory", "image_shape": [1, 8, 8],
+        "options": {"factory": f"{FACTORY_MODULE}:make_architecture",
+                    "factory_kwargs": {"width": 6}}}))
+    with pytest.raises(CalibexportError, match="CALIBEXPORT_TRUST_CODE=1"):
+        load_model(weights, config=config)
+
+
+def test_factory_checkpoint_key_mismatch(tmp_path, monkeypatch):
+    monkeypatch.setenv("CALIBEXPORT_TRUST_CODE", "1")
     weights = tmp_path / "custom.pt"
     torch.save(OffsetNet(width=6).state_dict(), weights)
     config = tmp_path / "custom.json"

@@ -89,6 +89,13 @@ def build_artifact(options: BuildOptions) -> BuildResult:
     """
     start = time.perf_counter()
     # Cheap checks first, so a typo does not cost a model load.
+    from calibexport.models.factory import is_factory_reference
+
+    if not Path(options.model).exists() and not is_factory_reference(str(options.model)):
+        raise CalibexportError(
+            f"model {options.model} not found; pass a checkpoint file, a model folder or "
+            "package.module:function."
+        )
     table = load_eta_table(options.eta)
     if options.out.exists() and not options.overwrite:
         raise CalibexportError(

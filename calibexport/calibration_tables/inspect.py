@@ -204,6 +204,8 @@ def _identity_row(
     half_norm = 0.5 * float(row @ row)
     correction, predicted_se = None, 0.0
     if row_rms_se is not None:
+        # NOTE: predicted_se treats the table's pixel errors as independent. Errors that are
+        # correlated across pixels spread the decrease more, so |z| then runs larger.
         spread = float(row_rms_se[k])
         correction = row.size * spread**2
         predicted_se = float(np.sqrt(2 * half_norm * spread**2 + 2 * row.size * spread**4))

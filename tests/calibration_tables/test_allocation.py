@@ -154,3 +154,38 @@ def test_rejects_invalid_targets(kwargs: dict, message: str) -> None:
     options = {"num_samples": 8, "estimator": "naive", "progress": False, **kwargs}
     with pytest.raises(CalibexportError, match=message):
         estimate_eta(NoisyOffset(SPREAD), SCHEDULE, ZEROS, **options)
+
+
+def test_calibrate_records_allocation(tmp_path, tiny_model) -> None:
+    import json
+
+    from calibexport.calibration_tables.calibrate import calibrate_to_file
+
+    data = tmp_path / "images.npy"
+    np.save(data, np.random.default_rng(0).uniform(-1, 1, (8, 1, 8, 8)).astype(np.float32))
+    out = tmp_path / "eta.npy"
+    calibrate_to_file(model=tiny_model, data=str(data), out=out, num_samples=4,
+                      estimator="regression", target_se=0.8, max_samples=64, batch_size=128,
+                      progress=False)
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    sampling = sidecar["sampling"]
+
+    assert sidecar["estimator"] == "regression"
+    assert sampling["target_relative_se"] == 0.8
+    assert sampling["max_relative_se"] < 0.8
+    assert len(sampling["row_samples"]) == 100
+    assert min(sampling["row_samples"]) == sidecar["num_samples"] == 4
+    # Noisier rows of the random tiny model get more samples, none up to the cap.
+    assert 4 < max(sampling["row_samples"]) < 64
+    assert sampling["total_evaluations"] == sum(sampling["row_samples"])
+    assert len(sidecar["standard_error"]["row_rms"]) == 100
+
+
+def test_calibrate_shard_rejects_target(tmp_path, tiny_model) -> None:
+    from calibexport.calibration_tables.calibrate import calibrate_to_file
+
+    data = tmp_path / "images.npy"
+    np.save(data, np.zeros((2, 1, 8, 8), dtype=np.float32))
+    with pytest.raises(CalibexportError, match="--target-se needs the sums of all shards"):
+        calibrate_to_file(model=tiny_model, data=str(data), out=tmp_path / "eta.npy",
+                          num_samples=4, target_se=0.3, shard="1/2", progress=False)

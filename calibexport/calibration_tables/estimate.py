@@ -200,7 +200,7 @@ def estimate_eta(
     """Estimate eta[k] for every table row k by Monte Carlo.
 
     Each sample draws x0 uniformly from ``data`` (float32 [N, C, H, W] in [-1, 1], with
-    replacement) and e ~ N(0, I); ``num_samples`` counts network evaluations per row. Batches
+    replacement) and e ~ N(0, I). ``num_samples`` counts network evaluations per row. Batches
     of ``batch_size`` evaluations may mix rows. ``estimator=None`` uses ``DEFAULT_ESTIMATOR``.
 
     With ``target_se``, ``num_samples`` is the pilot count of every row, and sampling goes on
@@ -410,7 +410,7 @@ def accumulate_row_sums(
     """Evaluate the samples [start, stop) of every row and return their float64 row sums.
 
     ``alpha`` and ``sigma`` [T] come from ``table_coefficients``; ``sample_ranges`` [T, 2]
-    holds each row's evaluation indices [start, stop) (start == stop skips the row). Sample i
+    contains each row's evaluation indices [start, stop) (start == stop skips the row). Sample i
     of a row is the same in every call, so sums over disjoint ranges (other calls, other
     processes) add up to the sums of one call over their union. For ``antithetic`` the
     bounds must be even: evaluations 2j and 2j + 1 are the pair (x0, e), (x0, -e).

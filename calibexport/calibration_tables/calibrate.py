@@ -62,7 +62,7 @@ def calibrate_to_file(
     check_output_folder(resolve_table_path(out).parent)
     if str(data).split(":")[0] != "digits" and not Path(data).exists():
         raise CalibexportError(
-            f"data source {data} not found; pass a folder of images, a .npy/.npz file or "
+            f"data source '{data}' not found; pass a folder of images, a .npy/.npz file or "
             "'digits' (also digits:train, digits:test, digits:all)."
         )
     loaded = load_model(model, config=config, weights=weights)

@@ -459,7 +459,7 @@ def evaluate_model(
 
     def on_pass(results: dict[str, Any]) -> None:
         results["inputs"] = {**{k: str(v) for k, v in asdict(inputs).items()}, **fingerprint,
-                             "eta_sha256": table.sha256, "eta": _eta_summary(table)}
+                             "eta_sha256": table.sha256, "eta_estimation": _eta_summary(table)}
         standard_error = (table.metadata or {}).get("standard_error") or {}
         # Older sidecars record only the mean standard error per row, not its RMS.
         row_se = standard_error.get("row_rms") or standard_error.get("row_mean")

@@ -164,3 +164,12 @@ def test_pixel_features_clip_and_flatten():
     features = pixel_features(images)
     assert features.shape == (1, 4)
     np.testing.assert_array_equal(features[0], [1.0, -1.0, 0.5, 0.0])
+
+
+def test_results_record_inputs(evaluated, tiny_eta):
+    out, _ = evaluated
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["inputs"]["eta"] == str(tiny_eta)
+    assert saved["inputs"]["eta_estimation"]["num_samples"] == 4
+    assert len(saved["inputs"]["eta_sha256"]) == 64
+    assert [row["timestep"] for row in saved["eta_noise"]] == [0, 10, 50]

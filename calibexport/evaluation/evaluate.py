@@ -60,7 +60,7 @@ VARIANT_NAMES = tuple(VARIANTS.values())
 
 @dataclass
 class EvaluationOptions:
-    """What to sample: the grid, the seeds and the solver options shared by every config."""
+    """Sampling plan: the grid, the seeds, the variants and the solver options of every config."""
 
     settings: tuple[str, ...] = ("fixed", "fast")
     orders: tuple[int, ...] = PAPER_ORDERS
@@ -168,7 +168,7 @@ def prepare_work_dir(work_dir: Path, fingerprint: dict[str, Any], overwrite: boo
                 changed = sorted(k for k in set(recorded) | set(fingerprint)
                                  if recorded.get(k) != fingerprint.get(k))
                 raise CalibexportError(
-                    f"{work_dir} holds samples made with other settings (changed: "
+                    f"{work_dir} contains samples made with other settings (changed: "
                     f"{', '.join(changed)}); pass --overwrite to delete them or choose "
                     "another --out."
                 )
@@ -323,7 +323,7 @@ class Evaluation:
 
 @dataclass
 class ModelInputs:
-    """Where the model, its eta table and the reference data come from."""
+    """Sources of the model, its eta table and the reference data."""
 
     model: Path
     eta: Path

@@ -143,7 +143,8 @@ def test_changed_settings_are_rejected(evaluated, tiny_model, tiny_eta, referenc
     inputs = ModelInputs(model=tiny_model, eta=tiny_eta, data=str(reference_npy))
     options = EvaluationOptions(settings=("fixed",), orders=(1,), nfes=(3,), seeds=(0,),
                                 num_samples=5, batch_size=5)
-    with pytest.raises(CalibexportError, match=r"other settings \(changed: num_samples\)"):
+    match = r"contains samples made with other settings \(changed: num_samples\)"
+    with pytest.raises(CalibexportError, match=match):
         evaluate_model(inputs, options, out, feature_spaces=("pixel",), threads=1)
 
 

@@ -15,21 +15,18 @@ full table and the compressed form evaluated at the integer times, in float32 as
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from calibexport.calibration_tables.table_io import write_table_files
 from calibexport.errors import CalibexportError
 from calibexport.runtime.eta_table import (
     KnotEta,
     LowRankEta,
     load_eta_table,
-    sidecar_path_for,
 )
 
 if TYPE_CHECKING:
@@ -155,33 +152,11 @@ def save_compressed_table(
             f"a compressed eta table is a .npz file, got {path}; name the output like eta.npz."
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    sidecar_path = sidecar_path_for(path)
-    temporaries: list[Path] = []
-    try:
-        table_tmp = _temporary_beside(path, temporaries)
-        with open(table_tmp, "wb") as handle:
-            np.savez(handle, kind=np.array(form.kind), **form.arrays())
-            _flush(handle)
-        sidecar_tmp = None
-        if metadata is not None:
-            metadata = {**metadata, "eta_sha256": form.sha256}
-            sidecar_tmp = _temporary_beside(sidecar_path, temporaries)
-            with open(sidecar_tmp, "w", encoding="utf-8") as handle:
-                json.dump(metadata, handle, indent=2, allow_nan=False)
-                handle.write("\n")
-                _flush(handle)
-
-        os.replace(table_tmp, path)
-        temporaries.remove(table_tmp)
-        if sidecar_tmp is not None:
-            os.replace(sidecar_tmp, sidecar_path)
-            temporaries.remove(sidecar_tmp)
-        elif sidecar_path.exists():
-            sidecar_path.unlink()
-            logger.info("Removed the old sidecar %s, which described another table.", sidecar_path)
-    finally:
-        for temporary in temporaries:
-            temporary.unlink(missing_ok=True)
+    if metadata is not None:
+        metadata = {**metadata, "eta_sha256": form.sha256}
+    write_table_files(
+        path, lambda handle: np.savez(handle, kind=np.array(form.kind), **form.arrays()), metadata
+    )
     logger.info("Saved %s eta table %s (%d bytes, sha256 %s).", form.kind, path, form.nbytes,
                 form.sha256[:16])
     return path
@@ -391,14 +366,3 @@ def _check_limits(max_error: float | None, size: int | None, size_name: str, min
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < minimum):
         raise CalibexportError(f"{size_name} must be an integer >= {minimum}, got {size!r}.")
 
-
-def _temporary_beside(target: Path, temporaries: list[Path]) -> Path:
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    temporaries.append(Path(name))
-    return Path(name)
-
-
-def _flush(handle: Any) -> None:
-    handle.flush()
-    os.fsync(handle.fileno())

@@ -14,7 +14,7 @@ import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Callable, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -92,13 +92,25 @@ def save_eta_table(path: str | Path, eta: np.ndarray, metadata: dict[str, Any] |
     if metadata is not None:
         metadata = _checked_metadata(metadata, eta)
     table_path.parent.mkdir(parents=True, exist_ok=True)
-    sidecar_path = sidecar_path_for(table_path)
+    write_table_files(table_path, lambda handle: np.save(handle, eta, allow_pickle=False), metadata)
+    logger.info("Saved eta table %s %s (sha256 %s).", table_path, list(eta.shape),
+                sha256_array(eta)[:16])
 
+
+def write_table_files(
+    table_path: Path, write_table: Callable[[Any], None], metadata: dict[str, Any] | None
+) -> None:
+    """Write a table file (through ``write_table(handle)``) and its sidecar atomically.
+
+    Both go to temporary names beside their targets and are renamed only when both are complete.
+    With ``metadata=None`` an old sidecar is removed, because it would describe another table.
+    """
+    sidecar_path = sidecar_path_for(table_path)
     temporaries: list[Path] = []
     try:
         table_tmp = _temporary_beside(table_path, temporaries)
         with open(table_tmp, "wb") as handle:
-            np.save(handle, eta, allow_pickle=False)
+            write_table(handle)
             _flush(handle)
         sidecar_tmp = None
         if metadata is not None:
@@ -119,8 +131,6 @@ def save_eta_table(path: str | Path, eta: np.ndarray, metadata: dict[str, Any] |
     finally:
         for temporary in temporaries:
             temporary.unlink(missing_ok=True)
-    logger.info("Saved eta table %s %s (sha256 %s).", table_path, list(eta.shape),
-                sha256_array(eta)[:16])
 
 
 def _checked_table(eta: np.ndarray, table_path: Path) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 
 class CalibexportError(Exception):
-    """A user-facing error: the message says what failed, the value seen and what to do.
+    """A user-facing error: the message states what failed, the value seen and what to do.
 
     The CLI prints the message to stderr without a traceback and exits with code 2.
     """

@@ -131,7 +131,7 @@ def describe_data(source: str | Path, array: np.ndarray) -> dict[str, Any]:
     return description
 
 
-# What np.load raises for a damaged .npy or .npz: numpy parses headers with tokenize and ast, a
+# Exceptions np.load raises for a damaged .npy or .npz, because numpy parses headers with tokenize and ast, a
 # damaged shape can request more memory than exists, and zip members can fail their CRC-32.
 _DAMAGED_FILE_ERRORS = (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError,
                         MemoryError, zipfile.BadZipFile, zlib.error)

@@ -1,6 +1,6 @@
 """calibexport's own checkpoint format: safetensors weights beside a JSON model config.
 
-``NAME.safetensors`` holds the tensors and ``NAME.json`` the ``ModelSpec``. Neither file can
+``NAME.safetensors`` contains the tensors and ``NAME.json`` the ``ModelSpec``. Neither file can
 execute code when loaded, so the pair is safe to read from untrusted sources.
 """
 

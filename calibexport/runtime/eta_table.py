@@ -391,7 +391,7 @@ def locate_table(path: str | Path) -> Path:
     return found[0]
 
 
-# What np.load raises for a damaged file: numpy parses the header with the tokenize and ast
+# Exceptions np.load raises for a damaged file, because numpy parses the header with the tokenize and ast
 # modules, and a damaged shape can request more memory than exists.
 _DAMAGED_NPY_ERRORS = (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError,
                        MemoryError)

@@ -18,11 +18,12 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from calibexport.errors import CalibexportError
-from calibexport.runtime.schedule import VPSchedule
+from calibexport.runtime.schedule import VPSchedule, lambda_from_log_alpha, sigma_from_log_alpha
 from calibexport.runtime.spacing import check_spacing, time_grid
 
 logger = logging.getLogger(__name__)
@@ -52,9 +53,12 @@ class StepInfo:
     nfe: int
 
 
-@dataclass(frozen=True)
-class _Node:
-    """Schedule values at one solver time, in float64."""
+class _Node(NamedTuple):
+    """Schedule values at one solver time, in float64.
+
+    A named tuple rather than a frozen dataclass: building one is several times cheaper, and a
+    plan builds one per solver time on every ``solve`` call.
+    """
 
     t: float
     log_alpha: float
@@ -65,12 +69,8 @@ class _Node:
 def _nodes(schedule: VPSchedule, times: Sequence[float] | np.ndarray) -> list[_Node]:
     times = np.asarray(times, dtype=np.float64)
     log_alpha = schedule.log_alpha(times)
-    sigma = schedule.sigma(times)
-    lambdas = schedule.lambda_(times)
-    return [
-        _Node(float(t), float(la), float(sg), float(lb))
-        for t, la, sg, lb in zip(times, log_alpha, sigma, lambdas)
-    ]
+    columns = (times, log_alpha, sigma_from_log_alpha(log_alpha), lambda_from_log_alpha(log_alpha))
+    return [_Node(*values) for values in zip(*(c.tolist() for c in columns))]
 
 
 def _alpha_ratio(t: _Node, s: _Node) -> float:
@@ -294,14 +294,16 @@ def _multistep_update(
     h = t.lambda_ - s0.lambda_
     phi_1 = math.expm1(h)
     eps = [eps_0] + [e for _, e in reversed(history[-order:-1])]
-    weights = np.zeros(3)
-    weights[0] = phi_1
+    # Weights of (eps_0, eps_1, eps_2) as Python floats: numpy calls on 3-element arrays cost
+    # more than the whole combination at small batch sizes.
+    w0, w1, w2 = phi_1, 0.0, 0.0
 
     if order == 2:
         # D1_0 = (eps_0 - eps_1) / r0 with r0 = h_0 / h; x_t uses (1/2) phi_1 D1_0
         s1 = history[-2][0]
         r0 = (s0.lambda_ - s1.lambda_) / h
-        weights += 0.5 * phi_1 * np.array([1.0, -1.0, 0.0]) / r0
+        w0 += 0.5 * phi_1 / r0
+        w1 -= 0.5 * phi_1 / r0
 
     elif order == 3:
         # D1_0 = (eps_0 - eps_1) / r0, D1_1 = (eps_1 - eps_2) / r1,
@@ -309,16 +311,16 @@ def _multistep_update(
         s1, s2 = history[-2][0], history[-3][0]
         r0 = (s0.lambda_ - s1.lambda_) / h
         r1 = (s1.lambda_ - s2.lambda_) / h
-        d1_0 = np.array([1.0, -1.0, 0.0]) / r0
-        d1_1 = np.array([0.0, 1.0, -1.0]) / r1
-        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-        d2 = 2.0 * (d1_0 - d1_1) / (r0 + r1)
+        d1_0 = (1.0 / r0, -1.0 / r0, 0.0)
+        d1_1 = (0.0, 1.0 / r1, -1.0 / r1)
+        d1 = [a + r0 / (r0 + r1) * (a - b) for a, b in zip(d1_0, d1_1)]
+        d2 = [2.0 * (a - b) / (r0 + r1) for a, b in zip(d1_0, d1_1)]
         phi_2 = phi_1 / h - 1.0
         phi_3 = phi_2 / h - 0.5
-        weights += phi_2 * d1 + phi_3 * d2
+        w0, w1, w2 = (w + (phi_2 * a + phi_3 * b) for w, a, b in zip((w0, w1, w2), d1, d2))
 
     # x_t = (alpha_t / alpha_s0) x - sigma_t (weights . eps)
-    terms = [(-t.sigma * float(w), e) for w, e in zip(weights, eps)]
+    terms = [(-t.sigma * w, e) for w, e in zip((w0, w1, w2), eps)]
     return _combine(x, _alpha_ratio(t, s0), terms, scratch)
 
 
@@ -350,18 +352,30 @@ def _singlestep_plan(
     times are points of the fine grid of ``sum(orders)`` intervals at the cumulative sums of the
     orders, the inner points are the fine-grid points in between and r comes from their lambdas.
     """
-    plan = []
     if spacing == "logSNR":
-        outer = _nodes(schedule, time_grid(schedule, spacing, len(orders), t_start, t_end))
-        for i, order in enumerate(orders):
-            s, t = outer[i], outer[i + 1]
-            ratios = {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}[order]
-            h = t.lambda_ - s.lambda_
-            inner = schedule.inverse_lambda(np.array([s.lambda_ + r * h for r in ratios]))
-            plan.append(([s, *_nodes(schedule, inner), t], ratios))
-        return plan
+        # Every inner point of every step in one inverse_lambda and one _nodes call: the plan is
+        # most of the loop's own cost, and per-step calls to the schedule tripled it.
+        outer_times = time_grid(schedule, spacing, len(orders), t_start, t_end)
+        outer_lambdas = schedule.lambda_(outer_times)
+        ratios = [{1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}[order] for order in orders]
+        h = np.diff(outer_lambdas)
+        inner_lambdas = [outer_lambdas[i] + r * h[i] for i, rs in enumerate(ratios) for r in rs]
+        inner_times = iter(schedule.inverse_lambda(np.array(inner_lambdas)))
+        times = []
+        for i, rs in enumerate(ratios):
+            times += [outer_times[i], *(next(inner_times) for _ in rs)]
+        nodes = iter(_nodes(schedule, [*times, outer_times[-1]]))
+        steps = []
+        s = next(nodes)
+        for rs in ratios:
+            inner = [next(nodes) for _ in rs]
+            t = next(nodes)
+            steps.append(([s, *inner, t], rs))
+            s = t
+        return steps
 
     fine = _nodes(schedule, time_grid(schedule, spacing, sum(orders), t_start, t_end))
+    plan = []
     start = 0
     for order in orders:
         nodes = fine[start : start + order + 1]
@@ -370,6 +384,26 @@ def _singlestep_plan(
         plan.append((nodes, ratios))
         start += order
     return plan
+
+
+# How many plans each schedule keeps; a service sampling with a few settings reuses them.
+PLAN_CACHE_SIZE = 16
+
+
+def _cached_plan(schedule: VPSchedule, key: tuple, build: Callable[[], Any]) -> Any:
+    """Return ``build()``, computed once per key and schedule object.
+
+    Building the plan calls the schedule a few times and takes about as long as the solver
+    arithmetic of 20 steps, so repeated ``solve`` calls with the same settings (every batch of a
+    ``Sampler.sample`` call) reuse it. Plans are lists of immutable nodes that the loops only
+    read. Schedules do not change after construction, so the cache lives on the schedule.
+    """
+    cache = schedule.__dict__.setdefault("_solver_plans", {})
+    if key not in cache:
+        if len(cache) >= PLAN_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[key] = build()
+    return cache[key]
 
 
 def _run_singlestep(
@@ -501,11 +535,14 @@ def solve(
 
     if method in ("singlestep", "singlestep_fixed"):
         orders = singlestep_orders(steps, order, fixed=method == "singlestep_fixed")
-        plan = _singlestep_plan(schedule, orders, spacing, t_start, t_end)
+        plan = _cached_plan(schedule, (method, tuple(orders), spacing, t_start, t_end),
+                            lambda: _singlestep_plan(schedule, orders, spacing, t_start, t_end))
         x = _run_singlestep(evaluate, x, plan, callback)
         num_steps = len(plan)
     else:
-        grid = _nodes(schedule, time_grid(schedule, spacing, steps, t_start, t_end))
+        grid = _cached_plan(schedule, ("grid", steps, spacing, t_start, t_end),
+                            lambda: _nodes(schedule, time_grid(schedule, spacing, steps, t_start,
+                                                               t_end)))
         if method == "multistep":
             orders = multistep_orders(steps, order, lower_order_final)
             x = _run_multistep(evaluate, x, grid, orders, callback)

@@ -359,3 +359,43 @@ def test_observed_convergence_order(ddpm_schedule, gaussian, exact_eps, method, 
     assert abs(slope - order) < 0.35, (slope, errors)
     assert errors[-1] < errors[0]
 
+
+
+def _times_and_result(schedule, gaussian, exact_eps, **kwargs):
+    times = []
+    eps_fn = _recording(exact_eps(schedule, gaussian), times)
+    result = solve(eps_fn, _noise(dtype=np.float64), schedule, **kwargs)
+    return np.concatenate(times), result
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_reused_plan_gives_the_fresh_result(gaussian, exact_eps, method):
+    # The second call on one schedule object reuses the cached plan; a new schedule builds it.
+    from calibexport.runtime.schedule import DiscreteVPSchedule
+
+    order = ORDERS_BY_METHOD[method][-1]
+    schedule = DiscreteVPSchedule.linear()
+    first = _times_and_result(schedule, gaussian, exact_eps, steps=12, order=order, method=method)
+    second = _times_and_result(schedule, gaussian, exact_eps, steps=12, order=order, method=method)
+    fresh = _times_and_result(DiscreteVPSchedule.linear(), gaussian, exact_eps, steps=12,
+                              order=order, method=method)
+    for a, b, c in zip(first, second, fresh):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+def test_plan_cache_keys_on_every_setting_and_stays_bounded(gaussian, exact_eps):
+    from calibexport.runtime.schedule import DiscreteVPSchedule
+    from calibexport.runtime.solvers import PLAN_CACHE_SIZE
+
+    schedule = DiscreteVPSchedule.linear()
+    settings = [dict(steps=steps, order=3, method="singlestep", t_end=t_end, spacing=spacing)
+                for steps in (6, 7, 20) for t_end in (1e-3, 2e-3)
+                for spacing in ("logSNR", "time_uniform", "time_quadratic")]
+    for kwargs in settings + settings[:3]:
+        times, result = _times_and_result(schedule, gaussian, exact_eps, **kwargs)
+        fresh_times, fresh = _times_and_result(DiscreteVPSchedule.linear(), gaussian, exact_eps,
+                                               **kwargs)
+        np.testing.assert_array_equal(times, fresh_times)
+        np.testing.assert_array_equal(result, fresh)
+    assert len(schedule.__dict__["_solver_plans"]) == PLAN_CACHE_SIZE

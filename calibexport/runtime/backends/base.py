@@ -41,21 +41,26 @@ class EpsBackend:
             raise CalibexportError(
                 f"{self.name}: timestep must have shape [{x.shape[0]}] (one per sample), got {list(timestep.shape)}."
             )
-        if not np.all(np.isfinite(timestep)):
+        # Array methods rather than np.all/np.issubdtype: these checks run at every solver
+        # evaluation, and the function wrappers cost more than the checks themselves.
+        if not np.isfinite(timestep).all():
             # The timestep embedding turns an infinite time into NaN, and NaN selects no eta row.
             raise CalibexportError(
                 f"{self.name}: timestep contains non-finite values "
                 f"{timestep[~np.isfinite(timestep)][:4].tolist()}; pass finite model input times."
             )
-        if np.issubdtype(self.timestep_dtype, np.integer):
-            if not np.all(np.round(timestep) == timestep):
+        if self.timestep_dtype.kind in "iu" and timestep.dtype.kind == "f":
+            rounded = np.round(timestep)
+            if not (rounded == timestep).all():
                 raise CalibexportError(
                     f"{self.name}: the model takes integer timesteps but got non-integer values "
-                    f"{timestep[np.round(timestep) != timestep][:4].tolist()}; round them explicitly."
+                    f"{timestep[rounded != timestep][:4].tolist()}; round them explicitly."
                 )
-        return self._eps(
-            np.ascontiguousarray(x, dtype=np.float32), timestep.astype(self.timestep_dtype)
-        )
+        if x.dtype != np.float32 or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        if timestep.dtype != self.timestep_dtype:
+            timestep = timestep.astype(self.timestep_dtype)
+        return self._eps(x, timestep)
 
     def _eps(self, x: np.ndarray, timestep: np.ndarray) -> np.ndarray:
         raise NotImplementedError

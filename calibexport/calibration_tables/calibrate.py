@@ -59,7 +59,12 @@ def calibrate_to_file(
     and rank 0 writes the table. ``common_noise``, ``target_se`` and ``max_samples`` are passed
     to ``estimate_eta``; a shard cannot sample to a target, because that needs all rows' sums.
     """
-    check_output_folder(resolve_table_path(out).parent)
+    if shard is not None:
+        # A shard writes a .npz file, which resolve_table_path would take for a folder, so a
+        # rerun that replaces an existing shard file was rejected.
+        check_output_folder(distributed.shard_file_path(out, distributed.Shard.parse(shard)).parent)
+    else:
+        check_output_folder(resolve_table_path(out).parent)
     if str(data).split(":")[0] != "digits" and not Path(data).exists():
         raise CalibexportError(
             f"data source '{data}' not found; pass a folder of images, a .npy/.npz file or "

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -204,11 +205,15 @@ def estimate_partial(
     plan = BatchPlan(ranges, batch_size)
     logger.info("Estimating eta shard %s of %d rows x %d samples (estimator %s, seed %d).",
                 shard.label, len(alpha), num_samples, estimator, seed)
+    start = time.perf_counter()
     sums, batches = accumulate_shard(model, data, alpha, sigma, ranges, shard,
                                      estimator=estimator, batch_size=batch_size, seed=seed,
                                      common_noise=common_noise, progress=progress)
-    logger.info("Shard %s evaluated batches %d..%d of %d (%d evaluations).", shard.label,
-                batches.start, batches.stop, plan.num_batches, int(sums.evaluations.sum()))
+    seconds = time.perf_counter() - start
+    evaluations = int(sums.evaluations.sum())
+    logger.info("Shard %s evaluated batches %d..%d of %d (%d evaluations in %.1fs, %.1f "
+                "evaluations/s).", shard.label, batches.start, batches.stop, plan.num_batches,
+                evaluations, seconds, evaluations / max(seconds, 1e-9))
     metadata = {
         "shard": shard.index, "num_shards": shard.count, "batches": [batches.start, batches.stop],
         "total_batches": plan.num_batches, "estimator": estimator, "seed": seed,

@@ -247,3 +247,19 @@ def test_linear_schedule_shards_match(unet, images) -> None:
     assert single.eta.shape == (15, 1, 8, 8)
     assert np.array_equal(merged_estimate(partials).eta, single.eta)
     assert partials[0].metadata["schedule"]["kind"] == "linear"
+
+
+def test_calibrate_shard_reruns_onto_same_file(tmp_path: Path, tiny_model: Path) -> None:
+    from calibexport.calibration_tables.calibrate import calibrate_to_file
+
+    data = tmp_path / "images.npy"
+    np.save(data, np.random.default_rng(0).uniform(-1, 1, (8, 1, 8, 8)).astype(np.float32))
+    out = tmp_path / "part.npz"
+    options = dict(model=tiny_model, data=str(data), out=out, num_samples=2, batch_size=50,
+                   progress=False, shard="1/4")
+    calibrate_to_file(**options)
+    first = load_partial(out)
+    calibrate_to_file(**options)
+    second = load_partial(out)
+    np.testing.assert_array_equal(first.sums.evaluations, second.sums.evaluations)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images.npy", "part.npz"]

@@ -138,8 +138,9 @@ def build_artifact(options: BuildOptions) -> BuildResult:
         log_alpha = None
         if prediction_type != "eps":
             log_alpha = table_log_alpha(schedule_from_spec(loaded.spec.schedule), len(table.values))
+        # In place: nothing reads the unfolded network afterwards (fp16 keeps its own copy).
         folded = fold_table(network, table, timestep_input="t", metadata=metadata,
-                            prediction_type=prediction_type, log_alpha=log_alpha)
+                            prediction_type=prediction_type, log_alpha=log_alpha, copy=False)
         save_onnx(folded, tmp / "model.onnx")
         if fp16_report is not None:
             scan_fp16_range(fp32_network, fp16_report.fp16_values, num_timesteps=len(table.values))

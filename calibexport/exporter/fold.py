@@ -64,6 +64,7 @@ def fold_eta(
     prediction_type: str = "eps",
     log_alpha: np.ndarray | None = None,
     metadata: dict[str, str] | None = None,
+    copy: bool = True,
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` whose ``output`` is calibrated by the eps-unit table ``eta``.
 
@@ -76,11 +77,18 @@ def fold_eta(
     and the timestep input keeps its dtype. ``metadata`` entries are added to
     ``metadata_props``, replacing entries with the same key. The result passes onnx.checker and
     strict shape inference. Raises CalibexportError when the table does not fit the graph.
+
+    ``copy=False`` folds into ``model`` itself and returns it, which saves a copy of the weights.
+    The input checks run before the graph changes. If the final check of the folded graph fails,
+    ``model`` is left changed.
     """
     table = _check_table(eta)
     coefficient_table = _check_log_alpha(prediction_type, log_alpha, len(table))
-    folded = onnx.ModelProto()
-    folded.CopyFrom(model)
+    if copy:
+        folded = onnx.ModelProto()
+        folded.CopyFrom(model)
+    else:
+        folded = model
     graph = folded.graph
 
     opset = default_opset(folded)

@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from calibexport.errors import CalibexportError
 from calibexport.exporter.fold import find_timestep_input
-from calibexport.exporter.onnx_utils import check_model
+from calibexport.exporter.onnx_utils import check_and_annotate
 
 logger = logging.getLogger(__name__)
 
@@ -264,8 +264,9 @@ def _rewrite(model: onnx.ModelProto, types: dict[str, int], chosen: dict[int, st
     graph.node.extend(nodes)
     del graph.initializer[:]
     graph.initializer.extend(new_initializers)
+    # The float32 value_info of the source graph no longer holds; inference writes new entries.
     del graph.value_info[:]
-    return check_model(model, what="fp16 ONNX graph")
+    return check_and_annotate(model, what="fp16 ONNX graph")
 
 
 def _set_float16_attributes(node: onnx.NodeProto) -> None:

@@ -104,16 +104,30 @@ def structure_only(model: onnx.ModelProto) -> onnx.ModelProto:
 def check_model(model: onnx.ModelProto, *, what: str = "ONNX graph") -> onnx.ModelProto:
     """Run onnx.checker and strict shape inference; return the model with inferred shapes.
 
-    Models past the 2 GiB protobuf limit are checked through ``structure_only``, and the returned
-    model is then that structure-only copy. Raises CalibexportError naming ``what`` on failure.
+    The checks run on ``structure_only(model)``, and the returned model is that structure-only
+    copy. Checking the full model would serialize the weights for the checker and again for
+    shape inference, two extra copies at the peak memory of a build. Raises CalibexportError
+    naming ``what`` on failure.
     """
-    subject = structure_only(model) if is_large(model) else model
+    subject = structure_only(model)
     try:
         onnx.checker.check_model(subject)
         return onnx.shape_inference.infer_shapes(subject, check_type=True, strict_mode=True,
                                                  data_prop=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise CalibexportError(f"the {what} is invalid: {exc}") from exc
+
+
+def check_and_annotate(model: onnx.ModelProto, *, what: str = "ONNX graph") -> onnx.ModelProto:
+    """Check ``model`` like ``check_model`` and replace its value_info by the inferred shapes.
+
+    Shape inference runs on the copy without weights, and only its value_info is copied back,
+    so the weights are not serialized and parsed again. Returns ``model`` itself.
+    """
+    inferred = check_model(model, what=what)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
 
 
 def save_onnx(

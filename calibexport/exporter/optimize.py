@@ -16,7 +16,7 @@ import time
 import onnx
 
 from calibexport.errors import CalibexportError
-from calibexport.exporter.onnx_utils import check_model, is_large, quiet_loggers
+from calibexport.exporter.onnx_utils import check_and_annotate, is_large, quiet_loggers
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +24,9 @@ logger = logging.getLogger(__name__)
 def optimize_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """Return ``model`` with constants folded, unused nodes removed and shapes inferred.
 
-    Models past the 2 GiB protobuf limit are folded without the ONNX shape inference pass, which
-    cannot take them in memory. Raises CalibexportError if the optimizer fails or the result does
-    not keep the graph's inputs and outputs.
+    For models past the 2 GiB protobuf limit the optimizer runs without its ONNX shape inference,
+    which cannot take them in memory. Raises CalibexportError if the optimizer fails or the
+    result does not keep the graph's inputs and outputs.
     """
     import onnxscript.optimizer
 
@@ -44,9 +44,7 @@ def optimize_graph(model: onnx.ModelProto) -> onnx.ModelProto:
         ) from exc
     _check_interface(model, optimized)
     _restore_metadata(model, optimized)
-    if not large:
-        optimized = onnx.shape_inference.infer_shapes(optimized, data_prop=True)
-    check_model(optimized, what="optimized ONNX graph")
+    check_and_annotate(optimized, what="optimized ONNX graph")
     logger.info("Optimized the graph: %d -> %d nodes in %.1fs.", before, len(optimized.graph.node),
                 time.perf_counter() - start)
     return optimized

@@ -1,4 +1,4 @@
-"""What the CPU benchmarks share: the machine description, timing loops and the JSON record."""
+"""Timing loops, machine facts and JSON records shared by the CPU benchmarks."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def machine_facts() -> dict[str, Any]:
@@ -78,21 +80,69 @@ def medians(times: dict[str, list[float]]) -> dict[str, float]:
 
 
 def run_measured(command: Sequence[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run a command to completion; return its wall seconds, exit code and peak resident memory.
+    """Run a command to completion; return its wall seconds, exit code, peak resident memory
+    and output (stdout and stderr together).
 
-    The peak is the child's maximum resident set size from ``wait4``, so it counts that process
-    alone, not this one.
+    The peak is the largest ``VmHWM`` (the kernel's high-water mark of resident memory for the
+    process's own address space) read from ``/proc/PID/status`` every 10 ms while it runs. The
+    ``ru_maxrss`` that ``wait4`` returns is not used: Linux carries it over from the forked copy
+    of this process across ``exec``, so it reports this process's size for small children.
     """
     start = time.perf_counter()
+    peak_kib = 0
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(list(command), env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
+        status_path = Path(f"/proc/{process.pid}/status")
+        while process.poll() is None:
+            peak_kib = max(peak_kib, _high_water_kib(status_path))
+            time.sleep(0.01)
         seconds = time.perf_counter() - start
         log.seek(0)
         output = log.read()
     return {"seconds": seconds, "returncode": process.returncode,
-            "peak_rss_mib": usage.ru_maxrss / 1024, "output_tail": output[-2000:]}
+            "peak_rss_mib": peak_kib / 1024, "output": output}
+
+
+def _high_water_kib(status_path: Path) -> int:
+    try:
+        for line in status_path.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass  # the process exited between poll() and the read
+    return 0
+
+
+def model_spec(architecture: str) -> Any:
+    from calibexport.models.presets import LINEAR_DISCRETE_1000, ModelSpec, get_preset
+    from calibexport.models.unet import UNetConfig
+
+    if architecture == "celeba64":
+        return get_preset("celeba64")
+    unet = UNetConfig(resolution=8, in_channels=1, out_ch=1, ch=32, ch_mult=(1, 2),
+                      num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
+    return ModelSpec(unet=unet, schedule=dict(LINEAR_DISCRETE_1000))
+
+
+def write_inputs(work_dir: Path, architecture: str, seed: int) -> tuple[Path, Path]:
+    """Save a random-weight network and a random eta table; return their paths."""
+    import torch
+
+    from calibexport.calibration_tables.table_io import save_eta_table
+    from calibexport.models.native_format import save_native
+    from calibexport.models.unet import DDPMUNet
+
+    spec = model_spec(architecture)
+    torch.manual_seed(seed)
+    module = DDPMUNet(spec.unet)
+    model_path = work_dir / f"{architecture}-random.safetensors"
+    save_native(model_path, module.state_dict(), spec)
+    unet = spec.unet
+    shape = (spec.schedule["num_timesteps"], unet.in_channels, unet.resolution, unet.resolution)
+    eta = np.random.default_rng(seed).normal(0.0, 0.01, shape).astype(np.float32)
+    eta_path = work_dir / "eta.npy"
+    save_eta_table(eta_path, eta, None)
+    return model_path, eta_path
 
 
 def write_record(out: Path, record: dict[str, Any]) -> None:

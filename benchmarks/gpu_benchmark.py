@@ -34,6 +34,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from bench_common import model_spec, write_inputs
+
 logger = logging.getLogger("gpu_benchmark")
 
 ARCHITECTURES = ("celeba64", "tiny")
@@ -60,38 +62,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
-
-
-def model_spec(architecture: str) -> Any:
-    from calibexport.models.presets import LINEAR_DISCRETE_1000, ModelSpec, get_preset
-    from calibexport.models.unet import UNetConfig
-
-    if architecture == "celeba64":
-        return get_preset("celeba64")
-    unet = UNetConfig(resolution=8, in_channels=1, out_ch=1, ch=32, ch_mult=(1, 2),
-                      num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
-    return ModelSpec(unet=unet, schedule=dict(LINEAR_DISCRETE_1000))
-
-
-def write_inputs(work_dir: Path, architecture: str, seed: int) -> tuple[Path, Path]:
-    """Save a random-weight network and a random eta table; return their paths."""
-    import torch
-
-    from calibexport.calibration_tables.table_io import save_eta_table
-    from calibexport.models.native_format import save_native
-    from calibexport.models.unet import DDPMUNet
-
-    spec = model_spec(architecture)
-    torch.manual_seed(seed)
-    module = DDPMUNet(spec.unet)
-    model_path = work_dir / f"{architecture}-random.safetensors"
-    save_native(model_path, module.state_dict(), spec)
-    unet = spec.unet
-    shape = (spec.schedule["num_timesteps"], unet.in_channels, unet.resolution, unet.resolution)
-    eta = np.random.default_rng(seed).normal(0.0, 0.01, shape).astype(np.float32)
-    eta_path = work_dir / "eta.npy"
-    save_eta_table(eta_path, eta, None)
-    return model_path, eta_path
 
 
 class TorchEagerBackend:

@@ -203,6 +203,11 @@ def _check_other_batch(path: Path, image_shape: tuple[int, int, int], dtype: np.
     try:
         options = ort.SessionOptions()
         options.log_severity_level = 4  # the failure is reported in the exception below
+        # One run at an unseen batch size needs no speed. Without graph optimizations and weight
+        # prepacking the session keeps one copy of the weights, not a reordered second one.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.enable_cpu_mem_arena = False
+        options.add_session_config_entry("session.disable_prepacking", "1")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         (eps,) = session.run([OUTPUT_NAME], {"x": x, "t": t})
     except Exception as exc:  # onnxruntime raises its own exception types per failure

@@ -69,6 +69,10 @@ def test_torchrun_matches_single_process(tmp_path, tiny_model, tiny_eta, referen
                                    rtol=1e-5)
     one = np.load(tmp_path / "single" / "samples" / "uncalibrated" / "singlestep-2x2-seed1.npy")
     two = np.load(tmp_path / "shared" / "samples" / "uncalibrated" / "singlestep-2x2-seed1.npy")
-    np.testing.assert_allclose(one, two, rtol=0, atol=1e-5)
+    # The random tiny model drives samples to magnitudes of several hundred, and the ranks'
+    # smaller batches can round differently in PyTorch's kernels, so the tolerance scales with
+    # the largest magnitude (1e-6 of it is about 8 float32 steps there).
+    scale = float(np.abs(one).max())
+    np.testing.assert_allclose(one, two, rtol=0, atol=1e-6 * scale)
     for name in ("results.md", "fd_vs_nfe.png"):
         assert (tmp_path / "shared" / name).is_file()

@@ -145,6 +145,13 @@ def write_inputs(work_dir: Path, architecture: str, seed: int) -> tuple[Path, Pa
     return model_path, eta_path
 
 
+def require_artifact(artifact: Path) -> None:
+    """Exit with a one-line message unless ``artifact`` holds a built model.onnx."""
+    if not (artifact / "model.onnx").is_file():
+        raise SystemExit(f"error: {artifact}/model.onnx not found; run `bash scripts/demo.sh` "
+                         "to build the digits demo, or pass --artifact with a build directory.")
+
+
 def write_record(out: Path, record: dict[str, Any]) -> None:
     """Write the result JSON with the command line that produced it."""
     record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), **record}

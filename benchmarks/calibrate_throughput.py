@@ -56,7 +56,7 @@ BARE_RATE = r"bare forward: ([0-9]+) evaluations in ([0-9.]+)s"
 
 
 def cases(work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    digits = Path("examples/digits/digits.safetensors")
+    digits = Path(__file__).resolve().parents[1] / "examples/digits/digits.safetensors"
     found = [{"name": f"digits {estimator}", "model": digits, "data": "digits",
               "shape": "1,16,16", "rows": 1000, "estimator": estimator,
               "num_samples": args.digits_samples, "batch": 256, "shard": None}
@@ -111,7 +111,8 @@ def measure(case: dict[str, Any], work: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--digits-samples", type=int, default=16,
-                        help="evaluations per row for the digits cases (antithetic needs 4 or more)")
+                        help="evaluations per row for the digits cases (antithetic needs 4 "
+                        "or more)")
     parser.add_argument("--estimators", default="control_variate,naive,antithetic",
                         help="estimators of the digits cases, comma-separated")
     parser.add_argument("--celeba64", action=argparse.BooleanOptionalAction, default=True)

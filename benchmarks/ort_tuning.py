@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bench_common import interleaved, machine_facts, medians, write_record
+from bench_common import interleaved, machine_facts, medians, require_artifact, write_record
 
 VARIANTS = ("default", "opt-disabled", "opt-basic", "opt-extended", "no-arena",
             "no-mem-pattern", "iobinding", "no-spinning")
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ort_tuning.json"))
     args = parser.parse_args()
 
+    require_artifact(args.artifact)
     model = args.artifact / "model.onnx"
     variants = args.variants.split(",")
     before = machine_facts()

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bench_common import machine_facts, medians, timed_blocks, write_record
+from bench_common import machine_facts, medians, require_artifact, timed_blocks, write_record
 from sampling_speed import NullBackend, loop_runner
 
 
@@ -46,6 +46,7 @@ def main() -> None:
     from calibexport.validate.torch_reference import TorchCalibratedBackend
 
     torch.set_num_threads(args.threads)
+    require_artifact(args.artifact)
     manifest = load_manifest(args.artifact)
     schedule = schedule_from_spec(manifest.schedule)
     shape = tuple(manifest.image_shape)

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bench_common import machine_facts, medians, timed_blocks, write_record
+from bench_common import machine_facts, medians, require_artifact, timed_blocks, write_record
 from calibexport.runtime.backends.base import EpsBackend
 
 
@@ -142,6 +142,7 @@ def main() -> None:
     from calibexport.runtime.artifact import load_manifest
     from calibexport.runtime.noise import initial_noise
 
+    require_artifact(args.artifact)
     manifest = load_manifest(args.artifact)
     before = machine_facts()
     results: dict[str, Any] = {}

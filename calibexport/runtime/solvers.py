@@ -398,7 +398,10 @@ def _cached_plan(schedule: VPSchedule, key: tuple, build: Callable[[], Any]) -> 
     ``Sampler.sample`` call) reuse it. Plans are lists of immutable nodes that the loops only
     read. Schedules do not change after construction, so the cache lives on the schedule.
     """
-    cache = schedule.__dict__.setdefault("_solver_plans", {})
+    attributes = getattr(schedule, "__dict__", None)
+    if attributes is None:  # a schedule class with __slots__ has nowhere to keep plans
+        return build()
+    cache = attributes.setdefault("_solver_plans", {})
     if key not in cache:
         if len(cache) >= PLAN_CACHE_SIZE:
             cache.pop(next(iter(cache)))

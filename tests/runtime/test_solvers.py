@@ -399,3 +399,21 @@ def test_plan_cache_keys_on_every_setting_and_stays_bounded(gaussian, exact_eps)
         np.testing.assert_array_equal(times, fresh_times)
         np.testing.assert_array_equal(result, fresh)
     assert len(schedule.__dict__["_solver_plans"]) == PLAN_CACHE_SIZE
+
+
+def test_plan_cache_skips_objects_without_dict():
+    from calibexport.runtime.solvers import _cached_plan
+
+    class NoDict:
+        __slots__ = ()
+
+    builds = []
+
+    def build():
+        builds.append(1)
+        return "plan"
+
+    schedule = NoDict()
+    assert _cached_plan(schedule, ("key",), build) == "plan"
+    assert _cached_plan(schedule, ("key",), build) == "plan"
+    assert len(builds) == 2

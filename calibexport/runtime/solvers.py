@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -353,8 +354,8 @@ def _singlestep_plan(
     orders, the inner points are the fine-grid points in between and r comes from their lambdas.
     """
     if spacing == "logSNR":
-        # Every inner point of every step in one inverse_lambda and one _nodes call: the plan is
-        # most of the loop's own cost, and per-step calls to the schedule tripled it.
+        # All inner points of all steps go through one inverse_lambda and one _nodes call,
+        # because one schedule call per step made the plan most of the loop's own cost.
         outer_times = time_grid(schedule, spacing, len(orders), t_start, t_end)
         outer_lambdas = schedule.lambda_(outer_times)
         ratios = [{1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}[order] for order in orders]
@@ -388,6 +389,8 @@ def _singlestep_plan(
 
 # How many plans each schedule keeps; a service sampling with a few settings reuses them.
 PLAN_CACHE_SIZE = 16
+# Serializes cache updates, so threads sampling with one schedule can evict entries safely.
+_PLAN_LOCK = threading.Lock()
 
 
 def _cached_plan(schedule: VPSchedule, key: tuple, build: Callable[[], Any]) -> Any:
@@ -401,12 +404,13 @@ def _cached_plan(schedule: VPSchedule, key: tuple, build: Callable[[], Any]) -> 
     attributes = getattr(schedule, "__dict__", None)
     if attributes is None:  # a schedule class with __slots__ has nowhere to keep plans
         return build()
-    cache = attributes.setdefault("_solver_plans", {})
-    if key not in cache:
-        if len(cache) >= PLAN_CACHE_SIZE:
-            cache.pop(next(iter(cache)))
-        cache[key] = build()
-    return cache[key]
+    with _PLAN_LOCK:
+        cache = attributes.setdefault("_solver_plans", {})
+        if key not in cache:
+            if len(cache) >= PLAN_CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+            cache[key] = build()
+        return cache[key]
 
 
 def _run_singlestep(

@@ -417,3 +417,25 @@ def test_plan_cache_skips_objects_without_dict():
     assert _cached_plan(schedule, ("key",), build) == "plan"
     assert _cached_plan(schedule, ("key",), build) == "plan"
     assert len(builds) == 2
+
+
+def test_plan_cache_under_threads(gaussian, exact_eps):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from calibexport.runtime.schedule import DiscreteVPSchedule
+
+    shared = DiscreteVPSchedule.linear()
+    settings = [dict(steps=steps, order=order, method=method)
+                for steps in range(4, 14) for order in (2, 3)
+                for method in ("singlestep", "multistep")]
+
+    def run(kwargs):
+        return _times_and_result(shared, gaussian, exact_eps, **kwargs)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, settings * 2))
+    for kwargs, (times, result) in zip(settings * 2, results):
+        fresh_times, fresh = _times_and_result(DiscreteVPSchedule.linear(), gaussian, exact_eps,
+                                               **kwargs)
+        np.testing.assert_array_equal(times, fresh_times)
+        np.testing.assert_array_equal(result, fresh)

@@ -1,8 +1,9 @@
 """ONNX file helpers shared by export, fold and fp16 conversion: size, checks and atomic saves.
 
 A protobuf message cannot reach 2 GiB, so a larger model keeps its weights in a separate file.
-``check_model`` validates such a model on a copy whose large weights are replaced by graph inputs
-of the same type and shape, so that onnx.checker and shape inference never need the weights.
+``check_model`` validates every model on a copy whose large weights are replaced by graph inputs
+of the same type and shape, so that onnx.checker and shape inference never need the weights, and
+checks the size of those weights itself.
 This module needs onnx only, never torch.
 """
 
@@ -110,12 +111,58 @@ def check_model(model: onnx.ModelProto, *, what: str = "ONNX graph") -> onnx.Mod
     naming ``what`` on failure.
     """
     subject = structure_only(model)
+    _check_initializer_sizes(model, what)
     try:
         onnx.checker.check_model(subject)
         return onnx.shape_inference.infer_shapes(subject, check_type=True, strict_mode=True,
                                                  data_prop=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise CalibexportError(f"the {what} is invalid: {exc}") from exc
+
+
+# Bytes per element of the types whose raw_data holds one fixed-size value per element.
+_ITEM_BYTES = {
+    TensorProto.FLOAT: 4, TensorProto.DOUBLE: 8, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2,
+    TensorProto.INT8: 1, TensorProto.UINT8: 1, TensorProto.INT16: 2, TensorProto.UINT16: 2,
+    TensorProto.INT32: 4, TensorProto.UINT32: 4, TensorProto.INT64: 8, TensorProto.UINT64: 8,
+    TensorProto.BOOL: 1, TensorProto.COMPLEX64: 8, TensorProto.COMPLEX128: 16,
+}
+# The typed field of each type and how many of its values make one element.
+_TYPED_FIELDS = {
+    TensorProto.FLOAT: ("float_data", 1), TensorProto.DOUBLE: ("double_data", 1),
+    TensorProto.INT64: ("int64_data", 1), TensorProto.UINT32: ("uint64_data", 1),
+    TensorProto.UINT64: ("uint64_data", 1), TensorProto.COMPLEX64: ("float_data", 2),
+    TensorProto.COMPLEX128: ("double_data", 2),
+    **{kind: ("int32_data", 1) for kind in (
+        TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT16,
+        TensorProto.UINT8, TensorProto.BOOL, TensorProto.FLOAT16, TensorProto.BFLOAT16)},
+}
+
+
+def _check_initializer_sizes(model: onnx.ModelProto, what: str) -> None:
+    """Raise unless each inline initializer stores as many values as its dims need.
+
+    ``structure_only`` hides the initializers above 1 KiB from onnx.checker, which would
+    otherwise find a short ``raw_data``. Types missing from ``_ITEM_BYTES`` and
+    ``_TYPED_FIELDS`` (strings, packed 4-bit and 8-bit float types) are left to ONNX Runtime.
+    """
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            continue
+        count = int(np.prod(tensor.dims)) if tensor.dims else 1
+        if len(tensor.raw_data) > 0:
+            item = _ITEM_BYTES.get(tensor.data_type)
+            stored, needed, unit = len(tensor.raw_data), count * (item or 0), "bytes"
+        else:
+            field, per_element = _TYPED_FIELDS.get(tensor.data_type, (None, 0))
+            item = field and per_element
+            stored = len(getattr(tensor, field)) if field else 0
+            needed, unit = count * per_element, f"{field} values"
+        if item and stored != needed:
+            raise CalibexportError(
+                f"the {what} is invalid: initializer {tensor.name!r} stores {stored} {unit}, "
+                f"but its dims {list(tensor.dims)} need {needed}."
+            )
 
 
 def check_and_annotate(model: onnx.ModelProto, *, what: str = "ONNX graph") -> onnx.ModelProto:
@@ -141,19 +188,19 @@ def save_onnx(
     path = Path(path)
     if external_data is None:
         external_data = is_large(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-", dir=path.parent) as tmp:
-        tmp_model = Path(tmp) / path.name
-        data_name = path.name + ".data"
-        try:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-", dir=path.parent) as tmp:
+            tmp_model = Path(tmp) / path.name
+            data_name = path.name + ".data"
             onnx.save_model(model, str(tmp_model), save_as_external_data=external_data,
                             all_tensors_to_one_file=True, location=data_name,
                             size_threshold=_INLINE_BYTES)
-        except (OSError, ValueError) as exc:
-            raise CalibexportError(f"failed to write ONNX model {path}: {exc}") from exc
-        if external_data:
-            os.replace(Path(tmp) / data_name, path.parent / data_name)
-        os.replace(tmp_model, path)
+            if external_data:
+                os.replace(Path(tmp) / data_name, path.parent / data_name)
+            os.replace(tmp_model, path)
+    except (OSError, ValueError) as exc:  # includes a folder that cannot be created or written
+        raise CalibexportError(f"failed to write ONNX model {path}: {exc}") from exc
     logger.info("Wrote %s (%.1f MB%s).", path, path.stat().st_size / 1e6,
                 ", weights in " + path.name + ".data" if external_data else "")
 

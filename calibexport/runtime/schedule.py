@@ -58,7 +58,16 @@ def linear_betas(beta_start: float, beta_end: float, num_timesteps: int) -> np.n
 
 
 class VPSchedule:
-    """Interface shared by the schedules: marginal coefficients and the time conversions."""
+    """Interface shared by the schedules: marginal coefficients and the time conversions.
+
+    The solvers cache their step plans on the schedule object. Setting any attribute drops
+    them. Changing an array attribute in place does not, so replace arrays instead.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name != "_solver_plans":
+            self.__dict__.pop("_solver_plans", None)
 
     kind: str
     t_max: float = 1.0

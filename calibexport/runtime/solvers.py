@@ -399,10 +399,11 @@ def _cached_plan(schedule: VPSchedule, key: tuple, build: Callable[[], Any]) -> 
     Building the plan calls the schedule a few times and takes about as long as the solver
     arithmetic of 20 steps, so repeated ``solve`` calls with the same settings (every batch of a
     ``Sampler.sample`` call) reuse it. Plans are lists of immutable nodes that the loops only
-    read. Schedules do not change after construction, so the cache lives on the schedule.
+    read. The cache lives on the schedule, and ``VPSchedule.__setattr__`` drops it whenever an
+    attribute changes.
     """
     attributes = getattr(schedule, "__dict__", None)
-    if attributes is None:  # a schedule class with __slots__ has nowhere to keep plans
+    if not isinstance(attributes, dict):  # __slots__ or a class object: nowhere to keep plans
         return build()
     with _PLAN_LOCK:
         cache = attributes.setdefault("_solver_plans", {})

@@ -439,3 +439,25 @@ def test_plan_cache_under_threads(gaussian, exact_eps):
                                                **kwargs)
         np.testing.assert_array_equal(times, fresh_times)
         np.testing.assert_array_equal(result, fresh)
+
+
+def test_changed_schedule_attribute_drops_plans(gaussian, exact_eps):
+    schedule = LinearVPSchedule()
+    _times_and_result(schedule, gaussian, exact_eps, steps=6, order=3, method="singlestep")
+    schedule.beta_1 = 10.0
+    changed = _times_and_result(schedule, gaussian, exact_eps, steps=6, order=3,
+                                method="singlestep")
+    fresh = _times_and_result(LinearVPSchedule(beta_1=10.0), gaussian, exact_eps, steps=6,
+                              order=3, method="singlestep")
+    for a, b in zip(changed, fresh):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_plan_cache_skips_class_objects():
+    from calibexport.runtime.solvers import _cached_plan
+
+    class AsSchedule:
+        pass
+
+    assert _cached_plan(AsSchedule, ("key",), lambda: "plan") == "plan"
+    assert "_solver_plans" not in AsSchedule.__dict__

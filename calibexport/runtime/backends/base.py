@@ -36,7 +36,14 @@ class EpsBackend:
             raise CalibexportError(
                 f"{self.name}: x must have shape [B, {', '.join(map(str, self.image_shape))}], got {list(x.shape)}."
             )
+        if x.shape[0] == 0:
+            raise CalibexportError(f"{self.name}: x has no samples (batch size 0).")
         timestep = np.asarray(timestep)
+        if timestep.dtype.kind not in "biuf":
+            raise CalibexportError(
+                f"{self.name}: timestep must be a real number array (bool, integer or float), "
+                f"got dtype {timestep.dtype}."
+            )
         if timestep.shape != (x.shape[0],):
             raise CalibexportError(
                 f"{self.name}: timestep must have shape [{x.shape[0]}] (one per sample), got {list(timestep.shape)}."
@@ -49,12 +56,20 @@ class EpsBackend:
                 f"{self.name}: timestep contains non-finite values "
                 f"{timestep[~np.isfinite(timestep)][:4].tolist()}; pass finite model input times."
             )
-        if self.timestep_dtype.kind in "iu" and timestep.dtype.kind == "f":
-            rounded = np.round(timestep)
-            if not (rounded == timestep).all():
+        if self.timestep_dtype.kind in "iu":
+            if timestep.dtype.kind == "f":
+                rounded = np.round(timestep)
+                if not (rounded == timestep).all():
+                    raise CalibexportError(
+                        f"{self.name}: the model takes integer timesteps but got non-integer "
+                        f"values {timestep[rounded != timestep][:4].tolist()}; round them "
+                        f"explicitly."
+                    )
+            limits = np.iinfo(self.timestep_dtype)
+            if timestep.min() < limits.min or timestep.max() > limits.max:
                 raise CalibexportError(
-                    f"{self.name}: the model takes integer timesteps but got non-integer values "
-                    f"{timestep[rounded != timestep][:4].tolist()}; round them explicitly."
+                    f"{self.name}: timestep values {timestep.min()}..{timestep.max()} do not fit "
+                    f"the model's {self.timestep_dtype} input ({limits.min}..{limits.max})."
                 )
         if x.dtype != np.float32 or not x.flags.c_contiguous:
             x = np.ascontiguousarray(x, dtype=np.float32)

@@ -62,7 +62,13 @@ def calibrate_to_file(
     if shard is not None:
         # A shard writes a .npz file, which resolve_table_path would take for a folder, so a
         # rerun that replaces an existing shard file was rejected.
-        check_output_folder(distributed.shard_file_path(out, distributed.Shard.parse(shard)).parent)
+        shard_path = distributed.shard_file_path(out, distributed.Shard.parse(shard))
+        if shard_path.is_dir():
+            raise CalibexportError(
+                f"cannot write the shard to {shard_path}: it is a directory; pass a file name "
+                "ending in .npz or the folder that should contain the shard file."
+            )
+        check_output_folder(shard_path.parent)
     else:
         check_output_folder(resolve_table_path(out).parent)
     if str(data).split(":")[0] != "digits" and not Path(data).exists():

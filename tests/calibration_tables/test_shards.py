@@ -263,3 +263,13 @@ def test_calibrate_shard_reruns_onto_same_file(tmp_path: Path, tiny_model: Path)
     second = load_partial(out)
     np.testing.assert_array_equal(first.sums.evaluations, second.sums.evaluations)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images.npy", "part.npz"]
+
+
+def test_calibrate_shard_rejects_directory_out(tmp_path: Path, tiny_model: Path) -> None:
+    from calibexport.calibration_tables.calibrate import calibrate_to_file
+
+    out = tmp_path / "part.npz"
+    out.mkdir()
+    with pytest.raises(CalibexportError, match="it is a directory"):
+        calibrate_to_file(model=tiny_model, data="digits", out=out, num_samples=2,
+                          progress=False, shard="1/4")

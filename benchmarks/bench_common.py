@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -15,6 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: a comma-separated list of integers >= 1, such as 1,16."""
+    try:
+        return [positive_int(item) for item in text.split(",")]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1 separated by commas, got "
+                                         f"{text!r}") from error
 
 
 def machine_facts() -> dict[str, Any]:

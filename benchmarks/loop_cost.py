@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bench_common import machine_facts, write_record
+from bench_common import machine_facts, positive_int, positive_ints, write_record
 from sampling_speed import NullBackend, loop_runner
 
 SHAPES = {"digits": (1, 16, 16), "celeba64": (3, 64, 64)}
@@ -25,9 +25,9 @@ METHODS = (("singlestep", 3), ("multistep", 3), ("ddim", 1))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch-sizes", default="1,16")
-    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--steps", type=positive_int, default=20)
+    parser.add_argument("--batch-sizes", type=positive_ints, default="1,16")
+    parser.add_argument("--repeats", type=positive_int, default=100)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/loop_cost.json"))
     args = parser.parse_args()
 
@@ -40,7 +40,7 @@ def main() -> None:
         for method, order in METHODS:
             settings = argparse.Namespace(steps=args.steps, order=order, method=method)
             run = loop_runner(backend, schedule, settings)
-            for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            for batch in args.batch_sizes:
                 x_T = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
                 run(x_T)  # warm-up, which also builds and caches the step plan
                 times = []

@@ -28,7 +28,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bench_common import interleaved, machine_facts, medians, require_artifact, write_record
+from bench_common import (
+    interleaved, machine_facts, medians, positive_int, positive_ints, require_artifact,
+    write_record,
+)
 
 VARIANTS = ("default", "opt-disabled", "opt-basic", "opt-extended", "no-arena",
             "no-mem-pattern", "iobinding", "no-spinning")
@@ -95,21 +98,27 @@ def session_blocks(model: Path, variants: list[str], threads: int, batch: int, r
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact", type=Path, default=Path("demo-output/build"))
-    parser.add_argument("--batch-sizes", default="1,16")
-    parser.add_argument("--threads", default="1,2", help="intra-op thread counts, comma-separated")
+    parser.add_argument("--batch-sizes", type=positive_ints, default="1,16")
+    parser.add_argument("--threads", type=positive_ints, default="1,2",
+                        help="intra-op thread counts, comma-separated")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--rounds", type=int, default=6, help="blocks per variant")
-    parser.add_argument("--block", type=int, default=50, help="timed evaluations per block")
+    parser.add_argument("--rounds", type=positive_int, default=6, help="blocks per variant")
+    parser.add_argument("--block", type=positive_int, default=50,
+                        help="timed evaluations per block")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ort_tuning.json"))
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or "default" not in variants:
+        parser.error(f"--variants must include default and name only {', '.join(VARIANTS)}; "
+                     f"unknown: {', '.join(unknown) or 'none'}")
 
     require_artifact(args.artifact)
     model = args.artifact / "model.onnx"
-    variants = args.variants.split(",")
     before = machine_facts()
     results: dict[str, Any] = {}
-    for threads in [int(n) for n in args.threads.split(",")]:
-        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+    for threads in args.threads:
+        for batch in args.batch_sizes:
             times = session_blocks(model, variants, threads, batch, args.rounds, args.block)
             med = medians(times)
             base = med["default"]

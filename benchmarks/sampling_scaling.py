@@ -16,7 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from bench_common import machine_facts, medians, require_artifact, timed_blocks, write_record
+from bench_common import (
+    machine_facts, medians, positive_int, positive_ints, require_artifact, timed_blocks,
+    write_record,
+)
 from sampling_speed import NullBackend, loop_runner
 
 
@@ -24,13 +27,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact", type=Path, default=Path("demo-output/build"))
     parser.add_argument("--model", type=Path, default=Path("examples/digits/digits.safetensors"))
-    parser.add_argument("--batch-sizes", default="1,4,16,64")
-    parser.add_argument("--nfe", default="10,20,50")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--order", type=int, default=3)
-    parser.add_argument("--method", default="singlestep")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--block", type=int, default=3)
+    parser.add_argument("--batch-sizes", type=positive_ints, default="1,4,16,64")
+    parser.add_argument("--nfe", type=positive_ints, default="10,20,50")
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--order", type=int, choices=[1, 2, 3], default=3)
+    parser.add_argument("--method", default="singlestep",
+                        choices=["singlestep", "singlestep_fixed", "multistep", "ddim"])
+    parser.add_argument("--rounds", type=positive_int, default=2)
+    parser.add_argument("--block", type=positive_int, default=3)
     parser.add_argument("--out", type=Path,
                         default=Path("benchmarks/results/sampling_scaling.json"))
     args = parser.parse_args()
@@ -59,10 +63,10 @@ def main() -> None:
     }
     before = machine_facts()
     results: dict[str, Any] = {}
-    for nfe in [int(n) for n in args.nfe.split(",")]:
+    for nfe in args.nfe:
         settings = argparse.Namespace(steps=nfe, order=args.order, method=args.method)
         runners = {name: loop_runner(b, schedule, settings) for name, b in backends.items()}
-        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        for batch in args.batch_sizes:
             x_T = initial_noise(0, np.arange(batch), shape)
             calls = {name: (lambda run=run: run(x_T)) for name, run in runners.items()}
             med = medians(timed_blocks(calls, args.rounds, args.block))

@@ -30,7 +30,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bench_common import machine_facts, medians, require_artifact, timed_blocks, write_record
+from bench_common import (
+    machine_facts, medians, positive_int, positive_ints, require_artifact, timed_blocks,
+    write_record,
+)
 from calibexport.runtime.backends.base import EpsBackend
 
 
@@ -128,13 +131,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact", type=Path, default=Path("demo-output/build"))
     parser.add_argument("--model", type=Path, default=Path("examples/digits/digits.safetensors"))
-    parser.add_argument("--batch-sizes", default="1,16")
-    parser.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--order", type=int, default=3)
+    parser.add_argument("--batch-sizes", type=positive_ints, default="1,16")
+    parser.add_argument("--threads", type=positive_ints, default="1,2",
+                        help="thread counts, comma-separated")
+    parser.add_argument("--steps", type=positive_int, default=20)
+    parser.add_argument("--order", type=int, choices=[1, 2, 3], default=3)
     parser.add_argument("--method", default="singlestep", choices=["singlestep", "multistep"])
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--block", type=int, default=5)
+    parser.add_argument("--rounds", type=positive_int, default=4)
+    parser.add_argument("--block", type=positive_int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sampling_speed.json"))
     args = parser.parse_args()
@@ -146,9 +150,9 @@ def main() -> None:
     manifest = load_manifest(args.artifact)
     before = machine_facts()
     results: dict[str, Any] = {}
-    for threads in [int(n) for n in args.threads.split(",")]:
+    for threads in args.threads:
         runners = open_contenders(args, manifest, threads)
-        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        for batch in args.batch_sizes:
             x_T = initial_noise(0, np.arange(batch), tuple(manifest.image_shape))
             calls = {name: (lambda run=run: run(x_T)) for name, run in runners.items()}
             times = timed_blocks(calls, args.rounds, args.block)

@@ -2,7 +2,7 @@
 
 Each variant opens its own ``InferenceSession`` on the same calibrated ``model.onnx`` and
 evaluates the same inputs. Only one session exists at a time, because the idle worker threads of
-other sessions spin and take the cores away from the one being timed: a block opens one variant's
+other sessions spin and take the cores away from the one being timed. A block opens one variant's
 session, warms it up, times ``--block`` evaluations and closes it. Rounds run one block of every
 variant, alternating the order (ABBA). Variants:
 

@@ -1,4 +1,4 @@
-"""How sampling time grows with batch size and the number of network evaluations (NFE).
+"""Growth of sampling time with batch size and the number of network evaluations (NFE).
 
 For each batch size and NFE, times the calibexport loop on ONNX Runtime, the same loop on
 PyTorch eager and the loop alone (a zero-cost network, ``sampling_speed.NullBackend``), in one

@@ -120,7 +120,7 @@ def check_model(model: onnx.ModelProto, *, what: str = "ONNX graph") -> onnx.Mod
         raise CalibexportError(f"the {what} is invalid: {exc}") from exc
 
 
-# Bytes per element of the types whose raw_data holds one fixed-size value per element.
+# Bytes per element of the types whose raw_data stores one fixed-size value per element.
 _ITEM_BYTES = {
     TensorProto.FLOAT: 4, TensorProto.DOUBLE: 8, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2,
     TensorProto.INT8: 1, TensorProto.UINT8: 1, TensorProto.INT16: 2, TensorProto.UINT16: 2,

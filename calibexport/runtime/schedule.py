@@ -35,7 +35,7 @@ def _interp_extrapolate(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.nda
     """
     x = np.asarray(x, dtype=np.float64)
     # np.minimum/np.maximum instead of np.clip, which costs several times more on the few
-    # elements a solver step asks for.
+    # elements of one solver step.
     idx = np.minimum(np.maximum(np.searchsorted(xp, x, side="right") - 1, 0), len(xp) - 2)
     x0, x1 = xp[idx], xp[idx + 1]
     y0, y1 = fp[idx], fp[idx + 1]

@@ -1,4 +1,4 @@
-"""EpsBackend.eps: the input checks every backend runs before its engine sees the inputs."""
+"""EpsBackend.eps: the input checks that every backend runs before calling its engine."""
 
 from __future__ import annotations
 

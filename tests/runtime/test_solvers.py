@@ -384,7 +384,7 @@ def test_reused_plan_gives_the_fresh_result(gaussian, exact_eps, method):
         np.testing.assert_array_equal(a, c)
 
 
-def test_plan_cache_keys_on_every_setting_and_stays_bounded(gaussian, exact_eps):
+def test_plan_cache_keys_and_bound(gaussian, exact_eps):
     from calibexport.runtime.schedule import DiscreteVPSchedule
     from calibexport.runtime.solvers import PLAN_CACHE_SIZE
 

@@ -18,6 +18,10 @@ from typing import Any
 import numpy as np
 
 
+#: The calibexport command of the running environment, for benchmarks that time it as a process.
+CALIBEXPORT = Path(sys.executable).parent / "calibexport"
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     value = int(text)
@@ -164,7 +168,7 @@ def write_inputs(work_dir: Path, architecture: str, seed: int) -> tuple[Path, Pa
 
 
 def require_artifact(artifact: Path) -> None:
-    """Exit with a one-line message unless ``artifact`` holds a built model.onnx."""
+    """Exit with a one-line message unless ``artifact`` contains a built model.onnx."""
     if not (artifact / "model.onnx").is_file():
         raise SystemExit(f"error: {artifact}/model.onnx not found; run `bash scripts/demo.sh` "
                          "to build the digits demo, or pass --artifact with a build directory.")

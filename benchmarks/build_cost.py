@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench_common import machine_facts, run_measured, write_inputs, write_record
+from bench_common import CALIBEXPORT, machine_facts, run_measured, write_inputs, write_record
 
 PLAIN_EXPORT = """
 import sys, torch
@@ -48,7 +48,7 @@ PHASES = {"export_seconds": r"Exported .* in ([0-9.]+)s", "optimize_seconds":
 
 def commands(work: Path, model: Path, eta: Path, shape: str, args: argparse.Namespace
              ) -> dict[str, list[str]]:
-    cli = [str(Path(sys.executable).parent / "calibexport")]
+    cli = [str(CALIBEXPORT)]
     return {
         "plain-export": [sys.executable, "-c", PLAIN_EXPORT, str(model), str(work / "plain.onnx"),
                          shape],

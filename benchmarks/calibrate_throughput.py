@@ -2,8 +2,8 @@
 
 For each case, runs as separate processes (so each peak resident memory is its own):
 
-* ``calibrate``: ``calibexport calibrate`` with the case's estimator, sample count and batch size;
-  its evaluations per second are the count it reports divided by its own estimation time;
+* ``calibrate``: ``calibexport calibrate`` with the case's estimator, sample count and batch size.
+  Its evaluations per second are the count it reports divided by its own estimation time.
 * ``bare-forward``: the same network evaluated the same number of times at the same batch size
   on random inputs in a plain ``torch.inference_mode`` loop, which is the floor any estimator
   built on this network can reach.
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bench_common import machine_facts, run_measured, write_inputs, write_record
+from bench_common import CALIBEXPORT, machine_facts, run_measured, write_inputs, write_record
 
 BARE_FORWARD = """
 import sys, time, torch
@@ -74,11 +74,11 @@ def cases(work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     return found
 
 
-def measure(case: dict[str, Any], work: Path) -> dict[str, Any]:
-    cli = str(Path(sys.executable).parent / "calibexport")
+def run_calibrate(case: dict[str, Any], work: Path) -> tuple[dict[str, Any], float, int]:
+    """Run `calibexport calibrate` for ``case``; return the run, its seconds and evaluations."""
     out = work / "eta.npy" if case["shard"] is None else work / "eta.npz"
-    command = [cli, "calibrate", "--model", str(case["model"]), "--data", case["data"],
-               "--out", str(out), "--estimator", case["estimator"],
+    command = [str(CALIBEXPORT), "calibrate", "--model", str(case["model"]), "--data",
+               case["data"], "--out", str(out), "--estimator", case["estimator"],
                "--num-samples", str(case["num_samples"]), "--batch-size", str(case["batch"])]
     if case["shard"]:
         command += ["--shard", case["shard"]]
@@ -86,16 +86,25 @@ def measure(case: dict[str, Any], work: Path) -> dict[str, Any]:
     match = re.search(CALIBRATE_RATE, calibrate["output"])
     if calibrate["returncode"] != 0 or not match:
         raise SystemExit(f"calibrate failed:\n{calibrate['output'][-3000:]}")
+
     if match.group(1) is not None:
-        estimate_seconds, evaluations = float(match.group(1)), int(match.group(2))
-    else:
-        estimate_seconds, evaluations = float(match.group(4)), int(match.group(3))
+        return calibrate, float(match.group(1)), int(match.group(2))
+    return calibrate, float(match.group(4)), int(match.group(3))
+
+
+def run_bare(case: dict[str, Any], evaluations: int) -> tuple[dict[str, Any], float]:
+    """Run the bare forward loop for ``case``; return the run and its evaluations per second."""
     bare = run_measured([sys.executable, "-c", BARE_FORWARD, str(case["model"]),
                          str(evaluations), str(case["batch"]), case["shape"]])
-    bare_match = re.search(BARE_RATE, bare["output"])
-    if bare["returncode"] != 0 or not bare_match:
+    match = re.search(BARE_RATE, bare["output"])
+    if bare["returncode"] != 0 or not match:
         raise SystemExit(f"bare forward failed:\n{bare['output'][-3000:]}")
-    bare_rate = int(bare_match.group(1)) / float(bare_match.group(2))
+    return bare, int(match.group(1)) / float(match.group(2))
+
+
+def measure(case: dict[str, Any], work: Path) -> dict[str, Any]:
+    calibrate, estimate_seconds, evaluations = run_calibrate(case, work)
+    bare, bare_rate = run_bare(case, evaluations)
     rate = evaluations / estimate_seconds
     return {
         **{k: str(v) for k, v in case.items()}, "evaluations": evaluations,

@@ -157,28 +157,28 @@ def test_factory_with_checkpoint_weights(tmp_path, monkeypatch):
     torch.testing.assert_close(predict(loaded.module, x, t), predict(trained, x, t))
 
 
-def test_factory_config_needs_trust(tmp_path, monkeypatch):
-    monkeypatch.delenv("CALIBEXPORT_TRUST_CODE", raising=False)
+def _factory_files(tmp_path: Path, config_width: int) -> tuple[Path, Path]:
+    """Write width-6 OffsetNet weights and a factory config that builds width ``config_width``."""
     weights = tmp_path / "custom.pt"
     torch.save(OffsetNet(width=6).state_dict(), weights)
     config = tmp_path / "custom.json"
     config.write_text(json.dumps({
         "architecture": "factory", "image_shape": [1, 8, 8],
         "options": {"factory": f"{FACTORY_MODULE}:make_architecture",
-                    "factory_kwargs": {"width": 6}}}))
+                    "factory_kwargs": {"width": config_width}}}))
+    return weights, config
+
+
+def test_factory_config_needs_trust(tmp_path, monkeypatch):
+    monkeypatch.delenv("CALIBEXPORT_TRUST_CODE", raising=False)
+    weights, config = _factory_files(tmp_path, config_width=6)
     with pytest.raises(CalibexportError, match="CALIBEXPORT_TRUST_CODE=1"):
         load_model(weights, config=config)
 
 
 def test_factory_checkpoint_key_mismatch(tmp_path, monkeypatch):
     monkeypatch.setenv("CALIBEXPORT_TRUST_CODE", "1")
-    weights = tmp_path / "custom.pt"
-    torch.save(OffsetNet(width=6).state_dict(), weights)
-    config = tmp_path / "custom.json"
-    config.write_text(json.dumps({
-        "architecture": "factory", "image_shape": [1, 8, 8],
-        "options": {"factory": f"{FACTORY_MODULE}:make_architecture",
-                    "factory_kwargs": {"width": 4}}}))
+    weights, config = _factory_files(tmp_path, config_width=4)
     with pytest.raises(CalibexportError, match="shape mismatches"):
         load_model(weights, config=config)
 
